@@ -1,0 +1,69 @@
+"""Run folders: config, JSONL outputs appended as produced, summary.json and report.html.
+
+A run folder remembers its config. Rerunning the same command resumes it;
+running a different config into it is refused unless `force` is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .atomic import atomic_write
+from .errors import PersonavecError
+
+
+class RunDir:
+    def __init__(self, path: str | Path, config: dict, force: bool = False, resume_keys: tuple[str, ...] = ()):
+        """Open (or create) a run folder for `config`.
+
+        `resume_keys`: config keys that may change between resumptions without
+        making it a different run (e.g. batch size).
+        """
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_path = self.path / "config.json"
+        if config_path.exists() and not force:
+            old = json.loads(config_path.read_text())
+            ignore = set(resume_keys)
+            changed = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+            if changed:
+                raise PersonavecError(
+                    f"{self.path} holds a different run (config differs in: {', '.join(changed)}); "
+                    "use another --out or pass --force to overwrite it")
+        elif force:
+            for name in list(self.path.iterdir()):
+                if name.is_file():
+                    name.unlink()
+        self.config = config
+        self.write_json("config.json", config)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, data) -> Path:
+        text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
+        return atomic_write(self.file(name), lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+    def read_jsonl(self, name: str) -> list[dict]:
+        """Rows already written; a torn last line (killed mid-write) is ignored and rewritten later."""
+        path = self.file(name)
+        if not path.exists():
+            return []
+        rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        if len(rows) < len(lines) or not path.read_text(encoding="utf-8").endswith("\n") and rows:
+            # drop the torn tail so later appends start on a clean line
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return rows
+
+    def append_jsonl(self, name: str, rows: list[dict]) -> None:
+        with open(self.file(name), "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
