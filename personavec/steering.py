@@ -55,9 +55,10 @@ class SteeringHandle:
             self._handles.append(decoder_stack(model).register_forward_pre_hook(self._see_inputs, with_kwargs=True))
             for layer in self.deltas:
                 if layer == 0:
-                    self._handles.append(blocks[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+                    self._handles.append(blocks[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True, prepend=True))
                 else:
-                    self._handles.append(blocks[layer - 1].register_forward_hook(self._post_hook(layer)))
+                    # prepend: transformers records hidden_states with its own forward hooks, which must see our change
+                    self._handles.append(blocks[layer - 1].register_forward_hook(self._post_hook(layer), prepend=True))
         except BaseException:
             self.remove()
             raise
@@ -87,7 +88,10 @@ class SteeringHandle:
         else:  # a plain pass with no token mask counts as prompt
             weights = None if self.positions == "prompt" else torch.zeros(hidden.shape[:2] + (1,), dtype=hidden.dtype, device=hidden.device)
         attention = self._attention
-        if isinstance(attention, torch.Tensor) and attention.dim() == 2 and attention.shape[1] >= seq and not bool(attention[:, -seq:].all()):
+        # Decode steps add real tokens only (padding is on the left), so only full passes need the padding check.
+        if self._decoding or not isinstance(attention, torch.Tensor):
+            return weights
+        if attention.dim() == 2 and attention.shape[1] >= seq and not bool(attention[:, -seq:].all()):
             pad = attention[:, -seq:].to(hidden.dtype).unsqueeze(-1)
             weights = pad if weights is None else weights * pad
         return weights

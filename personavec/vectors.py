@@ -175,10 +175,10 @@ class PersonaVector:
         return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"vectors": self.vectors}
+        out = {"vectors": self.vectors.contiguous()}
         for name in ("prompt_avg", "prompt_last", "norms"):
             if getattr(self, name) is not None:
-                out[name] = getattr(self, name).float().contiguous()
+                out[name] = getattr(self, name).float().contiguous().clone()  # safetensors refuses shared memory
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -207,7 +207,12 @@ class PersonaVector:
             raise PersonavecError(f"{path}: not a safetensors vector file ({exc})") from None
         if "vectors" not in tensors:
             raise PersonavecError(f"{path}: has no tensor named 'vectors' (found: {', '.join(sorted(names)) or 'none'})")
-        parsed = {k: (json.loads(v) if k in _JSON_KEYS else v) for k, v in meta.items()}
+        parsed = {}
+        for k, v in meta.items():
+            try:
+                parsed[k] = json.loads(v) if k in _JSON_KEYS else v
+            except ValueError:
+                raise PersonavecError(f"{path}: metadata {k!r} is not valid JSON: {v[:60]!r}") from None
         vector = cls(
             vectors=tensors["vectors"], prompt_avg=tensors.get("prompt_avg"), prompt_last=tensors.get("prompt_last"),
             norms=tensors.get("norms"), trait=parsed.get("trait", ""), model=parsed.get("model", ""),
