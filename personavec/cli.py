@@ -185,7 +185,7 @@ def export_cmd(
 def demo_cmd(
     model: str = typer.Option("smollm2-135m", "--model"),
     out: Path = typer.Option(Path("runs/demo"), "--out"),
-    coef: float = typer.Option(0.5, "--coef", help="norm-relative steering strength"),
+    coef: float = typer.Option(0.3, "--coef", help="norm-relative steering strength"),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:

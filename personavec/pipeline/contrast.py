@@ -86,7 +86,7 @@ class DemoResult:
     rows: list[dict]
 
 
-def run_steering_demo(model, tokenizer, out: str | Path, coef: float = 0.5, max_new_tokens: int = 48,
+def run_steering_demo(model, tokenizer, out: str | Path, coef: float = 0.3, max_new_tokens: int = 48,
                       force: bool = False, model_name: str = "") -> DemoResult:
     """Extract the built-in `optimistic` vector and answer a few prompts at -coef, 0 and +coef (norm-relative)."""
     config = {"command": "demo", "model": model_name, "coef": coef, "coef_mode": "norm", "max_new_tokens": max_new_tokens,
