@@ -100,11 +100,6 @@ def _pad_right(encoded: list[EncodedChat], pad_id: int, device) -> dict[str, tor
             dict(input_ids=ids, attention_mask=attention, prompt=prompt, response=response, last=last).items()}
 
 
-def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    counts = mask.sum(1, keepdim=True).clamp(min=1)
-    return torch.bmm(mask.unsqueeze(1), hidden).squeeze(1) / counts
-
-
 @torch.no_grad()
 def capture(
     model,
@@ -149,20 +144,21 @@ def capture(
     deepest = max(layers)
     state: dict = {}
 
+    mean_positions = [p for p in ("response_avg", "prompt_avg") if p in results]
+
     def record(layer: int, h: torch.Tensor) -> None:
         if layer == total and norm is not None:
             h = norm(h)  # hidden_states[-1] in transformers is after the final norm
-        h = h.float()
         column = layers.index(layer)
         rows = state["rows"]
-        if "response_avg" in results:
-            results["response_avg"][rows, column] = _masked_mean(h, state["response"]).cpu()
-        if "prompt_avg" in results:
-            results["prompt_avg"][rows, column] = _masked_mean(h, state["prompt"]).cpu()
+        if mean_positions:  # all span means of the batch in one fp32 matmul
+            means = torch.bmm(state["mean_weights"], h.float()).cpu()
+            for k, position in enumerate(mean_positions):
+                results[position][rows, column] = means[:, k]
         if "prompt_last" in results:
-            results["prompt_last"][rows, column] = h[torch.arange(h.shape[0]), state["last"]].cpu()
-        span = state["response"] if with_response else state["prompt"]
-        token_norm[rows, column] = _masked_mean(h.norm(dim=-1, keepdim=True), span).squeeze(-1).cpu()
+            results["prompt_last"][rows, column] = h[torch.arange(h.shape[0]), state["last"]].float().cpu()
+        token_norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
+        token_norm[rows, column] = (token_norms * state["norm_weights"]).sum(1).cpu()
         if layer == deepest:
             raise _StopForward
 
@@ -187,7 +183,13 @@ def capture(
             for batch in _batches(lengths, batch_size, max_batch_tokens):
                 rows = [keep[j] for j in batch]
                 tensors = _pad_right([encoded[i] for i in rows], tokenizer.pad_token_id or 0, device)
-                state.update(tensors, rows=torch.tensor(rows))
+                spans = {"response_avg": tensors["response"], "prompt_avg": tensors["prompt"]}
+                weights = {k: m / m.sum(1, keepdim=True).clamp(min=1) for k, m in spans.items()}
+                state.update(
+                    rows=torch.tensor(rows), last=tensors["last"],
+                    mean_weights=torch.stack([weights[p] for p in mean_positions], 1) if mean_positions else None,
+                    norm_weights=weights["response_avg" if with_response else "prompt_avg"],
+                )
                 try:
                     stack(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"], use_cache=False)
                 except _StopForward:
