@@ -181,23 +181,181 @@ def export_cmd(
         raise PersonavecError(f"--format {fmt!r}: use gguf or pt")
 
 
-@app.command("demo")
-def demo_cmd(
-    model: str = typer.Option("smollm2-135m", "--model"),
-    out: Path = typer.Option(Path("runs/demo"), "--out"),
-    coef: float = typer.Option(0.3, "--coef", help="norm-relative steering strength"),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PersonavecError(f"{flag} {text!r}: give comma-separated numbers, e.g. -1,0,1") from None
+
+
+def _load_calibration(path: Optional[Path]) -> Optional[dict]:
+    if path is None:
+        return None
+    from .calibration import read_calibration
+
+    return read_calibration(path)
+
+
+@app.command("extract")
+def extract_cmd(
+    model: str = typer.Option(..., "--model"),
+    trait_name: str = typer.Option(..., "--trait", help="built-in trait name or a trait JSON file"),
+    judge_spec: str = typer.Option(..., "--judge", help="local:MODEL | openai:MODEL | none"),
+    out: Path = typer.Option(..., "--out", help="run folder"),
+    questions: Optional[int] = typer.Option(None, "--questions", help="use the first N extraction questions"),
+    samples: int = typer.Option(1, "--samples-per-question"),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    pos_threshold: Optional[float] = typer.Option(None, "--pos-threshold", help="default 50, or the calibrated threshold"),
+    neg_threshold: Optional[float] = typer.Option(None, "--neg-threshold", help="default 50, or the calibrated threshold"),
+    coherence_threshold: float = typer.Option(50.0, "--coherence-threshold"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="thresholds from `judge-check --save`"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="candidate layers, e.g. 8,10,12 (default: 5 over the middle)"),
+    sweep_coef: float = typer.Option(0.5, "--sweep-coef", help="norm-relative coefficient for the layer sweep"),
+    sweep_questions: int = typer.Option(5, "--sweep-questions"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="overwrite a folder that holds a different run"),
+) -> None:
+    """The paper's pipeline: generate pos/neg answers, judge, filter, vectors, choose a layer, report."""
+    from .calibration import threshold_for, warn_if_uncalibrated
+    from .judge import make_judge
+    from .models import load_model
+    from .pipeline.extract import ExtractConfig, run_extract
+    from .traits import load_trait
+
+    trait = load_trait(trait_name)
+    calib = _load_calibration(calibration)
+    threshold = threshold_for(calib, trait.name) if calib else 50.0
+    cfg = ExtractConfig(
+        model=model, trait=trait_name, judge=judge_spec, questions=questions, samples_per_question=samples,
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
+        pos_threshold=threshold if pos_threshold is None else pos_threshold,
+        neg_threshold=threshold if neg_threshold is None else neg_threshold,
+        coherence_threshold=coherence_threshold,
+        candidate_layers=[int(x) for x in _float_list(layers, "--layers")] if layers else None,
+        sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype)
+    lm, tokenizer = load_model(model, dtype=dtype)
+    judge = make_judge(judge_spec)
+    if judge is not None:
+        warn_if_uncalibrated(judge_spec, trait.name, calib)
+    result = run_extract(cfg, trait, lm, tokenizer, judge, out, force=force, judge_calibration=calib)
+    s = result.summary
+    _log(f"kept {s['counts']['pairs_kept']} of {s['counts']['pairs']} pairs; layer {s['layer']} ({s['layer_method']})")
+    print(f"vectors: {out / 'vectors.safetensors'}\nreport: {out / 'report.html'}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: str = typer.Option(..., "--model"),
+    trait_name: str = typer.Option(..., "--trait"),
+    vector_path: Path = typer.Option(..., "--vector"),
+    coefs: str = typer.Option(..., "--coefs", help="comma-separated, e.g. -1,-0.5,0,0.5,1"),
+    judge_spec: str = typer.Option(..., "--judge"),
+    out: Path = typer.Option(..., "--out"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="default: the layer recorded in the vector file"),
+    coef_mode: str = typer.Option("norm", "--coef-mode", help="norm (relative to activation norm) | raw"),
+    questions: Optional[int] = typer.Option(None, "--questions"),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    capability: bool = typer.Option(False, "--capability", help="also multiple-choice accuracy under each coefficient"),
+    dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
-    """Build an `optimistic` vector from a built-in contrastive set and show steered answers both ways."""
+    """Steering curve: trait and coherence scores for each coefficient (and capability with --capability)."""
+    from .judge import make_judge
+    from .models import load_model
+    from .pipeline.evaluate import EvaluateConfig, run_evaluate
+    from .traits import load_trait
+    from .vectors import PersonaVector
+
+    trait = load_trait(trait_name)
+    vector = PersonaVector.load(vector_path)
+    cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec,
+                         coefs=_float_list(coefs, "--coefs"), layer=layer, coef_mode=coef_mode, questions=questions,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability)
+    lm, tokenizer = load_model(model, dtype=dtype)
+    summary = run_evaluate(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
+    _print_curve(summary)
+    print(f"report: {out / 'report.html'}")
+
+
+def _print_curve(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['trait']}: steering curve at layer {summary['layer']} ({summary['coef_mode']})")
+    for column in ("coef", "trait", "coherence", "capability"):
+        table.add_column(column)
+    fmt = lambda s: "-" if s["mean"] is None else f"{s['mean']:.1f} ± {s['std']:.1f}"  # noqa: E731
+    for e in summary["per_coef"]:
+        cap = e.get("capability_accuracy")
+        table.add_row(f"{e['coef']:+g}", fmt(e["trait"]), fmt(e["coherence"]), "-" if cap is None else f"{cap:.0%}")
+    Console(stderr=True).print(table)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out"),
+    model: str = typer.Option("qwen2.5-coder-0.5b", "--model"),
+    judge_spec: str = typer.Option("local:qwen2.5-coder-1.5b", "--judge"),
+    trait_name: str = typer.Option("optimistic", "--trait"),
+    quick: bool = typer.Option(False, "--quick", help="no judge: a vector from a built-in contrastive set on smollm2-135m"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """The README's first command: extract a trait on the packaged model, choose a layer, steer both ways, report."""
+    from .models import load_model
+
+    if quick:
+        return _quick_demo(out, force)
+    from .judge import make_judge
+    from .pipeline.evaluate import EvaluateConfig, run_evaluate
+    from .pipeline.extract import ExtractConfig, run_extract
+    from .traits import load_trait
+
+    trait = load_trait(trait_name)
+    lm, tokenizer = load_model(model)
+    judge = make_judge(judge_spec)
+    cfg = ExtractConfig(model=model, trait=trait_name, judge=judge_spec, questions=4, max_new_tokens=64,
+                        sweep_questions=4, batch_size=20)
+    result = run_extract(cfg, trait, lm, tokenizer, judge, out / "extract", force=force)
+    c = result.vector.coef
+    ecfg = EvaluateConfig(model=model, trait=trait_name, vector=str(out / "extract" / "vectors.safetensors"),
+                          judge=judge_spec, coefs=[-c, 0.0, c], questions=5, max_new_tokens=64, batch_size=20)
+    summary = run_evaluate(ecfg, trait, result.vector, lm, tokenizer, judge, out / "evaluate", force=force)
+    _print_examples(out / "evaluate" / "judged.jsonl", [-c, 0.0, c], trait.name, result.vector.layer)
+    _print_curve(summary)
+    print(f"report: {out / 'extract' / 'report.html'}\nsteering curve: {out / 'evaluate' / 'report.html'}")
+
+
+def _print_examples(judged: Path, coefs: list[float], trait: str, layer: int) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [json.loads(line) for line in judged.read_text().splitlines() if line.strip()]
+    table = Table(title=f"{trait} vector at layer {layer}: suppress / unsteered / amplify", show_lines=True)
+    table.add_column("question", overflow="fold")
+    for coef in coefs:
+        table.add_column(f"coef {coef:+g}", overflow="fold")
+    for question in list(dict.fromkeys(r["question"] for r in rows))[:3]:
+        table.add_row(question, *[next((r["answer"] for r in rows if r["question"] == question and r["coef"] == c), "")
+                                  for c in coefs])
+    Console().print(table)
+
+
+def _quick_demo(out: Path, force: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from .models import load_model
     from .pipeline.contrast import DEMO_PROMPTS, run_steering_demo
 
+    model, coef = "smollm2-135m", 0.3
     lm, tokenizer = load_model(model)
-    result = run_steering_demo(lm, tokenizer, out, coef=coef, max_new_tokens=max_new_tokens, force=force, model_name=model)
+    result = run_steering_demo(lm, tokenizer, out, coef=coef, force=force, model_name=model)
     table = Table(title=f"optimistic vector on {model}, layer {result.layer}", show_lines=True)
     for column in ("prompt", f"suppress ({-coef})", "unsteered", f"amplify (+{coef})"):
         table.add_column(column, overflow="fold")

@@ -1,0 +1,159 @@
+"""`personavec evaluate`: the steering curve (trait and coherence per coefficient) and its capability cost."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..chat import prompt_text, user_chat, write_jsonl
+from ..models import decoder_stack
+from ..progress import progress_bar
+from ..runs import RunDir
+from ..traits import Trait
+from ..vectors import PersonaVector
+from .extract import judge_rows
+
+LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass
+class EvaluateConfig:
+    model: str
+    trait: str
+    vector: str
+    judge: str
+    coefs: list[float]
+    layer: int | None = None
+    coef_mode: str = "norm"
+    questions: int | None = None  # first N evaluation questions (default: all 20)
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    capability: bool = False
+    capability_items: int | None = None
+    resume_keys: tuple = field(default=("batch_size",), repr=False)
+
+    def as_config(self) -> dict:
+        data = asdict(self)
+        data.pop("resume_keys")
+        return data
+
+
+def capability_items(limit: int | None = None) -> list[dict]:
+    path = resources.files("personavec") / "data" / "capability_mc.jsonl"
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return items[:limit] if limit else items
+
+
+def mc_prompt(item: dict) -> list[dict]:
+    options = "\n".join(f"{letter}) {item['choices'][letter]}" for letter in LETTERS)
+    return user_chat(f"{item['question']}\n{options}\nAnswer with the letter of the correct option only.")
+
+
+@torch.no_grad()
+def mc_accuracy(model, tokenizer, items: list[dict], batch_size: int = 16) -> float:
+    """Accuracy of the most probable answer letter at the first answer token (right padding, no generation)."""
+    letter_ids = [tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in LETTERS]
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        encoded = [tokenizer(prompt_text(tokenizer, mc_prompt(item)), add_special_tokens=False)["input_ids"] for item in batch]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e)], mask[row, : len(e)] = torch.tensor(e), 1
+        # the LM head only at each row's last real token: one vocabulary projection per item, not per position
+        hidden = decoder_stack(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        last = torch.tensor([len(e) - 1 for e in encoded], device=device)
+        logits = model.get_output_embeddings()(hidden[torch.arange(len(batch), device=device), last])
+        scores = logits[:, letter_ids]
+        correct += sum(LETTERS[int(i)] == item["answer"] for i, item in zip(scores.argmax(-1), batch))
+    return correct / len(items)
+
+
+def _stats(values: list[float | None]) -> dict:
+    vals = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(vals) if vals else None, "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+            "n": len(vals)}
+
+
+def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model, tokenizer, judge, out: str | Path,
+                 force: bool = False) -> dict:
+    from ..generate import generate
+    from ..report import figure_html, table_html, write_report
+
+    run = RunDir(out, {"command": "evaluate", **cfg.as_config()}, force=force, resume_keys=cfg.resume_keys)
+    vector.check_model(model)
+    layer = vector.check_layer(cfg.layer)
+    questions = trait.eval_questions[: cfg.questions or len(trait.eval_questions)]
+    done = {row["id"]: row for row in run.read_jsonl("answers.jsonl")}
+    with progress_bar("steering curve", total=len(cfg.coefs)) as advance:
+        for coef in cfg.coefs:
+            items = [{"id": f"c{coef:+g}-q{q}", "coef": coef, "question": question} for q, question in enumerate(questions)]
+            todo = [item for item in items if item["id"] not in done]
+            if todo:
+                with vector.apply(model, layer=layer, coef=coef, coef_mode=cfg.coef_mode):
+                    answers = generate(model, tokenizer, [user_chat(it["question"]) for it in todo],
+                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, show_progress=False)
+                rows = [{**it, "answer": a} for it, a in zip(todo, answers)]
+                run.append_jsonl("answers.jsonl", rows)
+                done.update({row["id"]: row for row in rows})
+            advance(1)
+    rows = list(done.values())
+    judge_rows(judge, trait, rows)
+    write_jsonl(run.file("judged.jsonl"), rows)
+
+    capability: dict[float, float] = {}
+    if cfg.capability:
+        items = capability_items(cfg.capability_items)
+        for coef in cfg.coefs:
+            with vector.apply(model, layer=layer, coef=coef, coef_mode=cfg.coef_mode):
+                capability[coef] = mc_accuracy(model, tokenizer, items, cfg.batch_size)
+
+    curve = []
+    for coef in cfg.coefs:
+        mine = [r for r in rows if r["coef"] == coef]
+        entry = {"coef": coef, "trait": _stats([r["trait_score"] for r in mine]),
+                 "coherence": _stats([r["coherence"] for r in mine]), "n": len(mine)}
+        if cfg.capability:
+            entry["capability_accuracy"] = capability[coef]
+        curve.append(entry)
+    summary = {"trait": trait.name, "model": cfg.model, "vector": cfg.vector, "layer": layer, "coef_mode": cfg.coef_mode,
+               "judge": cfg.judge, "per_coef": curve}
+    run.write_json("summary.json", summary)
+
+    examples = [[r["question"]] + [next((x["answer"] for x in rows if x["question"] == r["question"] and x["coef"] == c), "")
+                                   for c in cfg.coefs] for r in rows if r["coef"] == cfg.coefs[0]][:4]
+    write_report(run.file("report.html"), f"personavec evaluate: {trait.name} on {cfg.model}", [
+        ("Steering curve", figure_html(_curve_plot(curve, layer, cfg.coef_mode), "steering curve") + table_html(
+            ["coef", "trait mean", "trait std", "coherence mean", "coherence std"] + (["capability"] if cfg.capability else []),
+            [[e["coef"], e["trait"]["mean"], e["trait"]["std"], e["coherence"]["mean"], e["coherence"]["std"]]
+             + ([e["capability_accuracy"]] if cfg.capability else []) for e in curve])),
+        ("Example answers", table_html(["question"] + [f"coef {c:+g}" for c in cfg.coefs], examples)),
+    ])
+    return summary
+
+
+def _curve_plot(curve: list[dict], layer: int, coef_mode: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    coefs = [e["coef"] for e in curve]
+    for key, marker in (("trait", "o"), ("coherence", "s")):
+        means = [e[key]["mean"] for e in curve]
+        stds = [e[key]["std"] for e in curve]
+        if all(m is not None for m in means):
+            ax.errorbar(coefs, means, yerr=stds, marker=marker, capsize=3, label=key)
+    if curve and "capability_accuracy" in curve[0]:
+        ax.plot(coefs, [100 * e["capability_accuracy"] for e in curve], marker="^", ls="--", label="capability (% correct)")
+    ax.set_xlabel(f"coefficient ({coef_mode}) at layer {layer}")
+    ax.set_ylabel("score (0-100)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
