@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .atomic import atomic_write
+from .chat import iter_jsonl
 from .errors import PersonavecError
 
 MIN_AUROC = 0.8
@@ -47,17 +48,10 @@ def calibration_items(traits: Sequence[str] | None = None, path: str | Path | No
     if not source.is_file():
         raise PersonavecError(f"{source}: calibration set not found")
     items = []
-    with open(source, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                assert {"trait", "question", "answer", "label"} <= set(item)
-            except (json.JSONDecodeError, AssertionError):
-                raise PersonavecError(
-                    f"{source}:{number}: need a JSON object with trait, question, answer, label") from None
-            items.append(item)
+    for number, item in iter_jsonl(source):
+        if not {"trait", "question", "answer", "label"} <= set(item):
+            raise PersonavecError(f"{source}:{number}: need a JSON object with trait, question, answer, label")
+        items.append(item)
     if traits:
         known = {item["trait"] for item in items}
         missing = [t for t in traits if t not in known]

@@ -314,12 +314,20 @@ def demo_cmd(
     from .pipeline.extract import ExtractConfig, run_extract
     from .traits import load_trait
 
+    from .calibration import calibrate, threshold_for, warn_if_uncalibrated
+
     trait = load_trait(trait_name)
     lm, tokenizer = load_model(model)
     judge = make_judge(judge_spec)
+    # The small local judge compresses its scale, so the paper's fixed 50 does not transfer: calibrate first.
+    calib = calibrate(judge, [trait.name])
+    threshold = threshold_for(calib, trait.name)
+    entry = calib["traits"][trait.name]
+    _log(f"judge calibration for {trait.name}: AUROC {entry.get('auroc')}, threshold {threshold:.1f}")
+    warn_if_uncalibrated(judge_spec, trait.name, calib)
     cfg = ExtractConfig(model=model, trait=trait_name, judge=judge_spec, questions=4, max_new_tokens=64,
-                        sweep_questions=4, batch_size=20)
-    result = run_extract(cfg, trait, lm, tokenizer, judge, out / "extract", force=force)
+                        sweep_questions=4, batch_size=20, pos_threshold=threshold, neg_threshold=threshold)
+    result = run_extract(cfg, trait, lm, tokenizer, judge, out / "extract", force=force, judge_calibration=calib)
     c = result.vector.coef
     ecfg = EvaluateConfig(model=model, trait=trait_name, vector=str(out / "extract" / "vectors.safetensors"),
                           judge=judge_spec, coefs=[-c, 0.0, c], questions=5, max_new_tokens=64, batch_size=20)
