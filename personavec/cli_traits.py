@@ -1,8 +1,11 @@
-"""`personavec traits ...`: list and show built-in or user trait artifacts."""
+"""`personavec traits ...`: list and show built-in or user trait artifacts, and author new ones."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -34,6 +37,34 @@ def show_cmd(
     """Print a trait as JSON (the same format as a trait file)."""
     # Plain print, not rich, so the output is valid JSON that can be piped to a file and edited.
     print(json.dumps(load_trait(trait).to_dict(), indent=2, ensure_ascii=False))
+
+
+@traits_app.command("new")
+def new_cmd(
+    name: str = typer.Argument(..., help="The trait's name, e.g. patient (also the default file name)."),
+    description: str = typer.Option(..., "--description", "-d", help="One sentence describing the trait."),
+    author: str = typer.Option(..., "--author",
+                               help="local:<model> | openai:<model> (OPENAI_BASE_URL/OPENAI_API_KEY) | "
+                                    "anthropic:<model> (ANTHROPIC_API_KEY)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Trait file to write (default ./NAME.json)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    attempts: int = typer.Option(3, "--attempts", help="Requests per part before a fallback or an error."),
+    seed: int = typer.Option(0, "--seed", help="Base seed for the author's sampling."),
+    dtype: str = typer.Option("auto", "--dtype", help="local authors: auto | bf16 | fp32"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Write a new trait file (instructions, 40 questions, rubric) from one sentence, with an author LLM.
+
+    The file is written only once it passes the same checks as `traits show`; edit it freely afterwards.
+    """
+    from personavec.authoring import write_trait
+
+    path = out if out is not None else Path(f"{name}.json")
+    trait = write_trait(name, description, author, path, force=force, attempts=attempts, seed=seed,
+                        log=lambda m: print(f"personavec: {m}", file=sys.stderr, flush=True), dtype=dtype,
+                        trust_remote_code=trust_remote_code)
+    print(f"personavec: wrote {trait.name} ({trait.article} {trait.adjective} assistant)", file=sys.stderr)
+    print(path)
 
 
 def register(app: typer.Typer) -> None:
