@@ -157,7 +157,9 @@ def capture(
                 results[position][rows, column] = means[:, k]
         if "prompt_last" in results:
             results["prompt_last"][rows, column] = h[torch.arange(h.shape[0]), state["last"]].float().cpu()
-        token_norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32)
+        # Norms only scale norm-relative coefficients, so the model's dtype is precise enough (0.3% in bf16)
+        # and several times cheaper than an fp32 pass; the means above stay fp32.
+        token_norms = torch.linalg.vector_norm(h, dim=-1).float()
         token_norm[rows, column] = (token_norms * state["norm_weights"]).sum(1).cpu()
         if layer == deepest:
             raise _StopForward
