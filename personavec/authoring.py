@@ -147,22 +147,10 @@ class OpenAIAuthor(_APIAuthor):
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, max_retries: int = 5, concurrency: int = 4):
-        try:
-            from openai import OpenAI
-        except ImportError:
-            raise PersonavecError("openai authors need the openai package: pip install openai") from None
+        from .judge import openai_client
+
         self.model, self.spec, self.concurrency = model, f"openai:{model}", concurrency
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
-        if api_key is None:
-            if base_url is None:
-                raise PersonavecError("openai author: set OPENAI_API_KEY "
-                                      "(and OPENAI_BASE_URL for vLLM, llama.cpp or Ollama)")
-            api_key = "EMPTY"  # local servers usually need no key, but the SDK wants one
-        self._secret = api_key
-        self.identity = (base_url or "https://api.openai.com/v1").rstrip("/")
-        # The SDK retries 408/409/429/5xx, timeouts and connection errors with exponential backoff + jitter.
-        self.client = OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+        self.client, self._secret, self.identity = openai_client("author", base_url, api_key, timeout, max_retries)
 
     def complete(self, messages, max_tokens, temperature, seed):
         import openai

@@ -625,33 +625,38 @@ def redact(text: str, secret: str | None) -> str:
     return _KEYLIKE.sub("[redacted]", text)
 
 
+def openai_client(role: str, base_url: str | None, api_key: str | None, timeout: float, max_retries: int):
+    """An OpenAI SDK client for `role` ("judge", "author"): `(client, secret to redact, server identity)`.
+
+    The SDK retries 408/409/429/5xx, timeouts and connection errors with exponential backoff and jitter.
+    """
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise PersonavecError(f"openai {role}s need the openai package: pip install openai") from None
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
+    if api_key is None:
+        if base_url is None:
+            raise PersonavecError(f"openai {role}: set OPENAI_API_KEY (and OPENAI_BASE_URL for vLLM, llama.cpp or Ollama)")
+        api_key = "EMPTY"  # local servers usually need no key, but the SDK wants one
+    client = OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+    return client, api_key, (base_url or "https://api.openai.com/v1").rstrip("/")
+
+
 class OpenAIJudge(Judge):
     """Any OpenAI-compatible chat-completions server with logprobs (see the module docstring for the rule)."""
 
     def __init__(self, model: str, cache: JudgeCache | str | Path | None = None, *, base_url: str | None = None,
                  api_key: str | None = None, concurrency: int = 8, timeout: float = 60.0, max_retries: int = 5,
                  top_logprobs: int = 20, prefill: bool | None = None, min_prob: float = 1e-3):
-        try:
-            from openai import OpenAI
-        except ImportError:
-            raise PersonavecError("openai judges need the openai package: pip install openai") from None
         super().__init__(cache)
         self.model = model
         self.spec = f"openai:{model}"
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
-        if api_key is None:
-            if base_url is None:
-                raise PersonavecError("openai judge: set OPENAI_API_KEY "
-                                      "(and OPENAI_BASE_URL for vLLM, llama.cpp or Ollama)")
-            api_key = "EMPTY"  # local servers usually need no key, but the SDK wants one
-        self._secret = api_key
-        self.identity = (base_url or "https://api.openai.com/v1").rstrip("/")
+        self.client, self._secret, self.identity = openai_client("judge", base_url, api_key, timeout, max_retries)
         self.concurrency, self.top_logprobs, self.min_prob = concurrency, top_logprobs, min_prob
         env = os.environ.get("PERSONAVEC_OPENAI_PREFILL")
         self.prefill = prefill if prefill is not None else (None if env is None else env not in ("0", "false", "no"))
-        # The SDK retries 408/409/429/5xx, timeouts and connection errors with exponential backoff + jitter.
-        self.client = OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
     def _error(self, exc: Exception) -> PersonavecError:
         status = getattr(exc, "status_code", None)

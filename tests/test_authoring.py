@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from http_fake import ScriptedChat, serve_chat
-from personavec import cli
+from test_cli import run_cli
 from personavec.authoring import (AnthropicAuthor, AuthorBackend, LocalAuthor, article_for, author_meta,
                                   author_rubric, make_author, parse_criteria, parse_list, parse_meta,
                                   parse_pairs, parse_questions, template_criteria, write_trait)
@@ -216,22 +216,6 @@ def test_refuses_to_overwrite_before_any_request(tmp_path, monkeypatch):
         assert chat.requests == [] and out.read_text() == "keep me"
         write_trait("patient", DESC, "openai:fake-author", out, force=True)
     load_trait(out)
-
-
-def run_cli(capsys, *args):
-    """Run `personavec ARGS` through the real entry point; return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    old = sys.argv
-    sys.argv = ["personavec", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_new_default_out_and_errors(tmp_path, monkeypatch, capsys):
