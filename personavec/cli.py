@@ -309,12 +309,12 @@ def demo_cmd(
 
     if quick:
         return _quick_demo(out, force)
-    from .judge import make_judge
-    from .pipeline.evaluate import EvaluateConfig, run_evaluate
-    from .pipeline.extract import ExtractConfig, run_extract
-    from .traits import load_trait
-
     from .calibration import calibrate, threshold_for, warn_if_uncalibrated
+    from .judge import make_judge
+    from .pipeline.evaluate import EvaluateConfig, evaluate_run_config, run_evaluate
+    from .pipeline.extract import ExtractConfig, run_extract
+    from .runs import RunDir
+    from .traits import load_trait
 
     trait = load_trait(trait_name)
     lm, tokenizer = load_model(model)
@@ -327,11 +327,15 @@ def demo_cmd(
     warn_if_uncalibrated(judge_spec, trait.name, calib)
     cfg = ExtractConfig(model=model, trait=trait_name, judge=judge_spec, questions=4, max_new_tokens=64,
                         sweep_questions=4, batch_size=20, pos_threshold=threshold, neg_threshold=threshold)
-    result = run_extract(cfg, trait, lm, tokenizer, judge, out / "extract", force=force, judge_calibration=calib)
+    # The demo owns its folder: a run left by an older demo configuration is replaced, the same one resumed.
+    stale = RunDir.differences(out / "extract", {"command": "extract", **cfg.as_config()}, cfg.resume_keys)
+    result = run_extract(cfg, trait, lm, tokenizer, judge, out / "extract", force=force or bool(stale),
+                         judge_calibration=calib)
     c = result.vector.coef
     ecfg = EvaluateConfig(model=model, trait=trait_name, vector=str(out / "extract" / "vectors.safetensors"),
                           judge=judge_spec, coefs=[-c, 0.0, c], questions=5, max_new_tokens=64, batch_size=20)
-    summary = run_evaluate(ecfg, trait, result.vector, lm, tokenizer, judge, out / "evaluate", force=force)
+    stale = RunDir.differences(out / "evaluate", evaluate_run_config(ecfg, result.vector), ecfg.resume_keys)
+    summary = run_evaluate(ecfg, trait, result.vector, lm, tokenizer, judge, out / "evaluate", force=force or bool(stale))
     _print_examples(out / "evaluate" / "judged.jsonl", [-c, 0.0, c], trait.name, result.vector.layer)
     _print_curve(summary)
     print(f"report: {out / 'extract' / 'report.html'}\nsteering curve: {out / 'evaluate' / 'report.html'}")

@@ -22,11 +22,8 @@ class RunDir:
         """
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        config_path = self.path / "config.json"
-        if config_path.exists() and not force:
-            old = json.loads(config_path.read_text())
-            ignore = set(resume_keys)
-            changed = sorted(k for k in set(old) | set(config) if k not in ignore and old.get(k) != config.get(k))
+        if not force:
+            changed = self.differences(self.path, config, resume_keys)
             if changed:
                 raise PersonavecError(
                     f"{self.path} holds a different run (config differs in: {', '.join(changed)}); "
@@ -37,6 +34,15 @@ class RunDir:
                     name.unlink()
         self.config = config
         self.write_json("config.json", config)
+
+    @staticmethod
+    def differences(path: str | Path, config: dict, resume_keys: tuple[str, ...] = ()) -> list[str]:
+        """Config keys in which the run stored at `path` differs from `config` (empty: same run, or none yet)."""
+        config_path = Path(path) / "config.json"
+        if not config_path.exists():
+            return []
+        old = json.loads(config_path.read_text())
+        return sorted(k for k in set(old) | set(config) if k not in resume_keys and old.get(k) != config.get(k))
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -149,3 +149,14 @@ def test_mc_accuracy_matches_full_forward(tiny_lm):
             logits = model(x).logits[0, -1, ids]
         expected += LETTERS[int(logits.argmax())] == item["answer"]
     assert mc_accuracy(model, tok, items, batch_size=4) == pytest.approx(expected / len(items))
+
+
+def test_evaluate_with_a_new_vector_at_the_same_path_is_a_new_run(tiny_folder, tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    result = run_extract(cfg_for(tiny_folder), load_trait("optimistic"), model, tok, None, tmp_path / "x")
+    cfg = EvaluateConfig(model=tiny_folder, trait="optimistic", vector="v", judge="none", coefs=[1.0],
+                         questions=1, max_new_tokens=2, batch_size=4)
+    run_evaluate(cfg, load_trait("optimistic"), result.vector, model, tok, None, tmp_path / "e")
+    other = PersonaVector(vectors=result.vector.vectors * 2, layer=result.vector.layer, norms=result.vector.norms)
+    with pytest.raises(PersonavecError, match="vector_sha256"):
+        run_evaluate(cfg, load_trait("optimistic"), other, model, tok, None, tmp_path / "e")

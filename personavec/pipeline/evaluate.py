@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -83,14 +84,20 @@ def _stats(values: list[float | None]) -> dict:
             "n": len(vals)}
 
 
+def evaluate_run_config(cfg: EvaluateConfig, vector: PersonaVector) -> dict:
+    """The run's identity: the options plus what the vector file holds (a new vector at the same path is a new run)."""
+    digest = hashlib.sha256(vector.vectors.numpy().tobytes()).hexdigest()[:16]
+    return {"command": "evaluate", **cfg.as_config(), "vector_sha256": digest, "layer": vector.check_layer(cfg.layer)}
+
+
 def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model, tokenizer, judge, out: str | Path,
                  force: bool = False) -> dict:
     from ..generate import generate
     from ..report import figure_html, table_html, write_report
 
-    run = RunDir(out, {"command": "evaluate", **cfg.as_config()}, force=force, resume_keys=cfg.resume_keys)
     vector.check_model(model)
     layer = vector.check_layer(cfg.layer)
+    run = RunDir(out, evaluate_run_config(cfg, vector), force=force, resume_keys=cfg.resume_keys)
     questions = trait.eval_questions[: cfg.questions or len(trait.eval_questions)]
     done = {row["id"]: row for row in run.read_jsonl("answers.jsonl")}
     with progress_bar("steering curve", total=len(cfg.coefs)) as advance:
