@@ -161,6 +161,7 @@ def _curve_plot(curve: list[dict], layer: int, coef_mode: str):
         ax.plot(coefs, [100 * e["capability_accuracy"] for e in curve], marker="^", ls="--", label="capability (% correct)")
     ax.set_xlabel(f"coefficient ({coef_mode}) at layer {layer}")
     ax.set_ylabel("score (0-100)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # with --judge none there are no scores to plot
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
