@@ -88,10 +88,6 @@ def vector_cmd(
          f"recommended layer {vector.layer}")
 
 
-def _parse_layer(vector, layer: Optional[int]) -> int:
-    return vector.check_layer(layer)
-
-
 @app.command("steer")
 def steer_cmd(
     model: str = typer.Option(..., "--model"),
@@ -104,7 +100,8 @@ def steer_cmd(
     output_path: Optional[Path] = typer.Option(None, "--output", help="where --input answers go"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
-    coef_mode: str = typer.Option("raw", "--coef-mode", help="raw: coef * v[L]; norm: coef * typical activation norm along v"),
+    coef_mode: Optional[str] = typer.Option(None, "--coef-mode", help="raw: coef * v[L]; norm: coef * typical activation "
+                                            "norm along v (default: the mode recorded in the vector file)"),
     positions: str = typer.Option("all", "--position", help="all | prompt | response"),
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -123,7 +120,8 @@ def steer_cmd(
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path) if input_path else None
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    layer = _parse_layer(vector, layer)
+    layer = vector.check_layer(layer)
+    coef_mode = coef_mode or vector.coef_mode
     handle = vector.apply(lm, layer=layer, coef=coef, positions=positions, coef_mode=coef_mode)
     _log(f"steering {vector.trait or 'vector'} at layer {layer}, coef {coef} ({coef_mode})")
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
