@@ -12,10 +12,11 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from http_fake import serve_handler
 from personavec.errors import PersonavecError
 from personavec.judge import OpenAIJudge, make_judge
 
@@ -134,15 +135,8 @@ def serve(llm: FakeLLM):
                 with llm.lock:
                     llm.inflight -= 1
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_handler(Handler) as url:
+        yield url
 
 
 def _judge(url, tmp_path, **kw):
