@@ -56,13 +56,14 @@ class RunDir:
         path = self.file(name)
         if not path.exists():
             return []
-        rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+        content = path.read_text(encoding="utf-8")
+        rows, lines = [], content.splitlines()
         for line in lines:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-        if len(rows) < len(lines) or not path.read_text(encoding="utf-8").endswith("\n") and rows:
+        if len(rows) < len(lines) or (rows and not content.endswith("\n")):
             # drop the torn tail so later appends start on a clean line
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

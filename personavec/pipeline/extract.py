@@ -79,8 +79,8 @@ def item_chat(item: dict, with_answer: bool = True) -> list[dict]:
     return messages + ([{"role": "assistant", "content": item["answer"]}] if with_answer else [])
 
 
-def generate_missing(run: RunDir, name: str, model, tokenizer, items: list[dict], chat_of, cfg: ExtractConfig,
-                     label: str = "answers") -> list[dict]:
+def generate_missing(run: RunDir, name: str, model, tokenizer, items: list[dict], chat_of,
+                     cfg: ExtractConfig) -> list[dict]:
     """Answer the items not yet in `run/name`, appending each batch as it is produced; return all rows by id."""
     done = {row["id"]: row for row in run.read_jsonl(name)}
     todo = [item for item in items if item["id"] not in done]
