@@ -18,21 +18,9 @@ from typing import Sequence
 from .atomic import atomic_write
 from .chat import iter_jsonl
 from .errors import PersonavecError
+from .vecmath import auroc  # noqa: F401  (re-exported: the judge check reports it)
 
 MIN_AUROC = 0.8
-
-
-def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
-    """P(score of a random positive > score of a random negative), ties counting 1/2.
-
-    None when either class is empty. (The Mann-Whitney U statistic over n_pos * n_neg.)
-    """
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
 
 
 def midpoint_threshold(pos_scores: Sequence[float], neg_scores: Sequence[float]) -> float | None:

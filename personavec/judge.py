@@ -77,13 +77,9 @@ The API key is never logged, cached or shown in an error.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import re
-import sqlite3
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,7 +88,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .cache import cache_dir
+from .cache import SqliteCache, cache_dir
 from .errors import PersonavecError
 
 MIN_MASS = 0.25
@@ -216,45 +212,11 @@ def default_cache_path() -> Path:
     return cache_dir() / "judge_cache.sqlite"
 
 
-class JudgeCache:
-    """SQLite key -> JSON value; one connection behind a lock, every put committed at once.
-
-    WAL mode lets several processes share the file; the lock makes it safe across threads.
-    """
+class JudgeCache(SqliteCache):
+    """Judge scores keyed by a hash of (judge, prompt); shared by every run on this machine."""
 
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_cache_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS judge "
-                             "(key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL)")
-            self._db.commit()
-
-    @staticmethod
-    def key(*parts: str) -> str:
-        return hashlib.sha256(json.dumps(list(parts), ensure_ascii=False).encode()).hexdigest()
-
-    def get(self, key: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM judge WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def put(self, key: str, value: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO judge (key, value, created) VALUES (?, ?, ?)",
-                             (key, json.dumps(value), time.time()))
-            self._db.commit()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM judge").fetchone()[0]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path or default_cache_path(), table="judge")
 
 
 # ---------------------------------------------------------------- judges

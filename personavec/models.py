@@ -346,10 +346,11 @@ def hidden_size(model) -> int:
 
 
 def model_fingerprint(model) -> str:
-    """A short hash of the architecture and a sample of the embedding weights.
+    """A short hash of the architecture and a strided sample of every weight tensor.
 
-    Two checkpoints of one architecture differ here, so a vector or a judge
-    cache entry made on one is never silently reused on the other.
+    Two checkpoints of one architecture differ here, fine-tunes (and models with
+    a LoRA adapter attached) included, so a vector, a judge score or a cached
+    base answer made on one is never silently taken for the other's.
     """
     base = _unwrap(model)
     config = base.config
@@ -360,8 +361,11 @@ def model_fingerprint(model) -> str:
         "hidden": hidden_size(base),
         "vocab": getattr(config, "vocab_size", None),
     }, sort_keys=True).encode())
-    embed = base.get_input_embeddings().weight
-    # Rounded through bf16 so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint.
-    sample = embed[:: max(1, embed.shape[0] // 64), :16].detach().to("cpu", torch.bfloat16).float()
-    digest.update(sample.numpy().tobytes())
+    with torch.no_grad():
+        for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64]
+            # Rounded through bf16 so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint.
+            digest.update(name.encode())
+            digest.update(sample.to("cpu", torch.bfloat16).float().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -35,6 +35,21 @@ class RunDir:
         self.config = config
         self.write_json("config.json", config)
 
+    @classmethod
+    def replace(cls, path: str | Path, config: dict) -> "RunDir":
+        """A record folder for a command that recomputes everything each time (monitor, screen): a previous run
+        of the same command there is replaced; a folder holding anything else is refused."""
+        path = Path(path)
+        config_path = path / "config.json"
+        if config_path.exists():
+            old = json.loads(config_path.read_text())
+            if old.get("command") != config.get("command"):
+                raise PersonavecError(f"{path} holds a {old.get('command', 'different')!r} run; use another --out")
+            return cls(path, config, force=True)
+        if path.exists() and any(path.iterdir()):
+            raise PersonavecError(f"{path} is not empty and holds no personavec run; use another --out")
+        return cls(path, config)
+
     @staticmethod
     def differences(path: str | Path, config: dict, resume_keys: tuple[str, ...] = ()) -> list[str]:
         """Config keys in which the run stored at `path` differs from `config` (empty: same run, or none yet)."""

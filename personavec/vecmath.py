@@ -50,3 +50,54 @@ def separation(pos_proj: torch.Tensor, neg_proj: torch.Tensor) -> float:
 
 def _var(x: torch.Tensor) -> torch.Tensor:
     return x.var(unbiased=True) if len(x) > 1 else x.new_zeros(())
+
+
+def ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks with ties given their average rank (what Spearman and Mann-Whitney use)."""
+    values = values.double().flatten()
+    order = torch.argsort(values, stable=True)
+    sorted_values = values[order]
+    out = torch.empty_like(values)
+    start = 0
+    n = len(values)
+    while start < n:
+        end = start
+        while end + 1 < n and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        out[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation; None with fewer than 2 points or a constant input."""
+    x, y = torch.as_tensor(x).double().flatten(), torch.as_tensor(y).double().flatten()
+    if len(x) < 2:
+        return None
+    x, y = x - x.mean(), y - y.mean()
+    denominator = (x.norm() * y.norm()).item()
+    return None if denominator == 0 else float((x @ y).item() / denominator)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Spearman's rank correlation: Pearson over tie-averaged ranks."""
+    return pearson(ranks(torch.as_tensor(x)), ranks(torch.as_tensor(y)))
+
+
+def auroc(labels, scores) -> float | None:
+    """P(score of a random positive > score of a random negative), ties counting 1/2; None if a class is empty.
+
+    Computed from ranks (Mann-Whitney U / (n_pos * n_neg)), so thousands of samples cost nothing.
+    """
+    labels = torch.as_tensor(labels).bool().flatten()
+    scores = torch.as_tensor(scores).double().flatten()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = ranks(scores)[labels].sum().item()
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def layerwise_projection(differences: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Row L of `differences` projected on the unit of row L of `vectors`: `[layers, hidden] x2 -> [layers]`."""
+    return (differences.float() * unit(vectors)).sum(-1)

@@ -80,8 +80,11 @@ def item_chat(item: dict, with_answer: bool = True) -> list[dict]:
 
 
 def generate_missing(run: RunDir, name: str, model, tokenizer, items: list[dict], chat_of,
-                     cfg: ExtractConfig) -> list[dict]:
-    """Answer the items not yet in `run/name`, appending each batch as it is produced; return all rows by id."""
+                     cfg) -> list[dict]:
+    """Answer the items not yet in `run/name`, appending each batch as it is produced; return all rows by id.
+
+    `cfg` is any config with `max_new_tokens`, `temperature`, `batch_size` and `seed`.
+    """
     done = {row["id"]: row for row in run.read_jsonl(name)}
     todo = [item for item in items if item["id"] not in done]
     if todo:

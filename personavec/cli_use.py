@@ -1,0 +1,232 @@
+"""`personavec monitor`, `screen` and `shift`: the uses of a vector, a thin layer over personavec.pipeline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import PersonavecError
+
+VECTOR_HELP = ".safetensors vector file (or .gguf / .pt)"
+LAYER_HELP = "layer to read (default: the layer recorded in the vector file)"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _record_dir(output: Path, out: Optional[Path]) -> Path:
+    """The run folder of a command that writes one JSONL: `--out`, else `<output stem>_run/` beside it."""
+    return out or output.with_name(output.stem + "_run")
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_distribution(title: str, dist: dict) -> None:
+    if not dist.get("n"):
+        _log(f"{title}: no scored lines")
+        return
+    _log(f"{title}: n {dist['n']}, mean {dist['mean']:.3f} ± {dist['std']:.3f}, min {dist['min']:.3f}, "
+         f"p10 {dist['p10']:.3f}, median {dist['median']:.3f}, p90 {dist['p90']:.3f}, max {dist['max']:.3f}")
+
+
+def _trait_for(vector, trait_name: Optional[str]):
+    from .traits import load_trait
+
+    name = trait_name or vector.trait
+    if not name:
+        raise PersonavecError(f"{vector.label}: records no trait; pass --trait")
+    return load_trait(name)
+
+
+def monitor_cmd(
+    model: str = typer.Option(..., "--model", help="packaged short name, hub id or local folder"),
+    vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
+    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP),
+    input_path: Optional[Path] = typer.Option(None, "--input", help="chat JSONL to score"),
+    output: Optional[Path] = typer.Option(None, "--output", help="the same lines with \"persona\" added"),
+    position: str = typer.Option("prompt_last", "--position",
+                                 help="prompt_last (before answering) | prompt_avg | response_avg"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="mark lines whose projection is above it"),
+    scores: Optional[str] = typer.Option(None, "--scores", help="numeric field (dotted path) to correlate with"),
+    top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary"),
+    study: Optional[str] = typer.Option(None, "--study", help="system-prompts | many-shot: the paper's experiment"),
+    trait_name: Optional[str] = typer.Option(None, "--trait", help="--study: trait (default: the vector's)"),
+    judge_spec: str = typer.Option("none", "--judge", help="--study: local:MODEL | openai:MODEL | none"),
+    shots: str = typer.Option("0,1,2,4,8", "--shots", help="--study many-shot: prefix sizes"),
+    questions: Optional[int] = typer.Option(None, "--questions", help="--study: first N evaluation questions"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--study: answer length"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: <output>_run; --study: required)"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="skip longer chats (default: model context)"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="--study: overwrite a folder that holds a different run"),
+) -> None:
+    """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
+    from .models import load_model
+    from .vectors import PersonaVector
+
+    vector = PersonaVector.load(vector_path)
+    if study is not None:
+        return _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions,
+                      max_new_tokens, out, batch_size, dtype, force)
+    if input_path is None or output is None:
+        raise PersonavecError("monitor needs --input and --output (or --study)")
+    from .chat import read_chats, write_jsonl
+    from .pipeline.monitor import monitor_chats, monitor_summary, numeric_field, write_monitor_report
+    from .runs import RunDir
+
+    records = read_chats(input_path)
+    score_values = [numeric_field(r, scores) for r in records] if scores else None
+    run = RunDir.replace(_record_dir(output, out), {
+        "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
+        "layer": vector.check_layer(layer), "position": position, "threshold": threshold, "scores": scores})
+    lm, tokenizer = load_model(model, dtype=dtype)
+    rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
+    write_jsonl(output, rows)
+    summary = monitor_summary(rows, top_k, threshold, score_values)
+    summary.update(trait=vector.trait, layer=rows[0]["persona"]["layer"], output=str(output))
+    run.write_json("summary.json", summary)
+    write_monitor_report(run.file("report.html"), f"personavec monitor: {vector.trait or 'vector'} on {input_path}",
+                         rows, summary, score_values, scores)
+    _print_distribution(f"projection at layer {summary['layer']}", summary["projection"])
+    for t in summary["top"]:
+        _log(f"  line {t['line']:>5}  {t['projection']:+.3f}  {t['prompt']}")
+    if threshold is not None:
+        _log(f"{summary['flagged']} of {summary['n']} lines above {threshold:g}")
+    if scores:
+        c = summary["correlation"]
+        _log(f"projection vs {scores}: Pearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])} (n {c['n']})")
+    print(f"wrote {output}\nreport: {run.file('report.html')}")
+
+
+def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions, max_new_tokens, out,
+           batch_size, dtype, force) -> None:
+    from .judge import make_judge
+    from .models import load_model
+    from .pipeline.monitor import STUDIES, StudyConfig, run_study
+
+    if study not in STUDIES:
+        raise PersonavecError(f"--study {study!r}: use {' or '.join(STUDIES)}")
+    if out is None:
+        raise PersonavecError("--study needs --out (the run folder)")
+    try:
+        shot_counts = sorted({int(x) for x in shots.split(",") if x.strip()})
+    except ValueError:
+        raise PersonavecError(f"--shots {shots!r}: give comma-separated counts, e.g. 0,1,2,4,8") from None
+    if not shot_counts or shot_counts[0] < 0 or shot_counts[-1] > 20:
+        raise PersonavecError(f"--shots {shots!r}: counts must lie in 0..20 (one per extraction question)")
+    trait = _trait_for(vector, trait_name)
+    cfg = StudyConfig(study=study, model=model, trait=trait.name, vector=str(vector_path), judge=judge_spec,
+                      layer=layer, questions=questions, shots=shot_counts, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size)
+    lm, tokenizer = load_model(model, dtype=dtype)
+    summary = run_study(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
+    for e in summary["per_condition"]:
+        extra = f"  trait {e['trait_score_mean']:.1f}  r within {_fmt(e.get('pearson_within'), '+.2f')}" \
+            if e.get("trait_score_mean") is not None else ""
+        _log(f"  {e['condition']:<16} projection {_fmt(e['projection'].get('mean'), '+.3f')}{extra}")
+    _log(f"projection rises with condition order: Spearman ρ {_fmt(summary['projection_vs_level_spearman'], '.2f')}")
+    if "pearson" in summary:
+        _log(f"projection vs judged score: Pearson r {_fmt(summary['pearson'], '.2f')}, "
+             f"Spearman ρ {_fmt(summary['spearman'], '.2f')}")
+    print(f"report: {Path(out) / 'report.html'}")
+
+
+def screen_cmd(
+    model: str = typer.Option(..., "--model"),
+    vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
+    data: Path = typer.Option(..., "--data", help="training chat JSONL; the last assistant message is the answer"),
+    output: Path = typer.Option(..., "--output", help="the same lines with \"persona\" scores added"),
+    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP),
+    approx: bool = typer.Option(False, "--approx", help="no base-model generation: answer minus last prompt token"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="length of the base model's greedy answers"),
+    drop_top: Optional[float] = typer.Option(None, "--drop-top", help="write <output>.kept.jsonl without the top "
+                                             "fraction, e.g. 0.1"),
+    keep_below: Optional[float] = typer.Option(None, "--keep-below", help="write <output>.kept.jsonl with scores < X"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="0/1 field: print AUROC of each score against it"),
+    top_k: int = typer.Option(10, "--top-k"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: <output>_run)"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="skip longer chats (default: model context)"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Score training data by projection difference (the paper's ΔP) to find samples that push a trait."""
+    from .chat import read_chats
+    from .models import load_model
+    from .pipeline.screen import ScreenConfig, run_screen
+    from .vectors import PersonaVector
+
+    if drop_top is not None and keep_below is not None:
+        raise PersonavecError("use either --drop-top or --keep-below, not both")
+    vector = PersonaVector.load(vector_path)
+    records = read_chats(data, require_response=True)
+    cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+    lm, tokenizer = load_model(model, dtype=dtype)
+    s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
+                   keep_below, top_k)
+    for name, dist in s["distribution"].items():
+        _print_distribution(f"{name} at layer {s['layer']}", dist)
+    _log(f"dataset mean {s['rank_by']}: {_fmt(s['mean'][s['rank_by']])}")
+    if s["skipped"]:
+        _log(f"{s['skipped']} lines longer than the context limit were not scored")
+    for t in s["top"]:
+        _log(f"  line {t['line']:>5}  {t['score']:+.3f}  {t['answer'][:80]}")
+    if labels:
+        _log("AUROC against " + labels + ": " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in s["auroc"].items()))
+    if "filtered" in s:
+        f = s["filtered"]
+        _log(f"kept {f['kept']} of {f['of']} ({f['rule']}) -> {f['path']}")
+    print(f"wrote {output}\nreport: {_record_dir(output, out) / 'report.html'}")
+
+
+def shift_cmd(
+    base: str = typer.Option(..., "--base", help="the model before fine-tuning"),
+    finetuned: str = typer.Option(..., "--finetuned", help="full model folder/id, or a peft LoRA adapter folder"),
+    vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
+    trait_name: Optional[str] = typer.Option(None, "--trait", help="evaluation questions (default: the vector's trait)"),
+    judge_spec: str = typer.Option("none", "--judge", help="local:MODEL | openai:MODEL | none"),
+    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP),
+    questions: Optional[int] = typer.Option(None, "--questions", help="first N evaluation questions"),
+    prompt_only: bool = typer.Option(False, "--prompt-only", help="skip the response-mean shift (no generation "
+                                     "unless a judge is given)"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/shift-<finetuned>-<trait>)"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    """How far fine-tuning moved a model along the persona vector (and, with a judge, its trait score)."""
+    from .judge import make_judge
+    from .models import load_model
+    from .pipeline.shift import ShiftConfig, run_shift
+    from .vectors import PersonaVector
+
+    vector = PersonaVector.load(vector_path)
+    trait = _trait_for(vector, trait_name)
+    cfg = ShiftConfig(base=base, finetuned=finetuned, vector=str(vector_path), trait=trait.name, judge=judge_spec,
+                      layer=layer, questions=questions, responses=not prompt_only, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size)
+    out = out or Path("runs") / f"shift-{Path(finetuned.rstrip('/')).name}-{trait.name}"
+    judge = make_judge(judge_spec)
+    lm, tokenizer = load_model(base, dtype=dtype)
+    s = run_shift(cfg, trait, vector, lm, tokenizer, judge, out, force=force, dtype=dtype)
+    for position, value in s["shift"].items():
+        _log(f"{position} shift along {trait.name} at layer {s['layer']}: {value:+.3f} (cosine {s['cosine'][position]:+.3f})")
+    if "scores" in s:
+        b, f = s["scores"]["base"]["trait"], s["scores"]["finetuned"]["trait"]
+        _log(f"judged {trait.name} score: base {_fmt(b, '.1f')} -> finetuned {_fmt(f, '.1f')} "
+             f"(change {_fmt(s['trait_score_change'], '+.1f')})")
+    print(f"report: {Path(out) / 'report.html'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("monitor")(monitor_cmd)
+    app.command("screen")(screen_cmd)
+    app.command("shift")(shift_cmd)
