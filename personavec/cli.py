@@ -379,7 +379,7 @@ def _register_optional() -> None:
     """Command groups that live in their own modules."""
     import importlib
 
-    for module in ("personavec.cli_traits", "personavec.cli_judge", "personavec.cli_use"):
+    for module in ("personavec.cli_traits", "personavec.cli_judge", "personavec.cli_use", "personavec.cli_train"):
         try:
             importlib.import_module(module).register(app)
         except ModuleNotFoundError as exc:

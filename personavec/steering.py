@@ -129,6 +129,26 @@ class SteeringHandle:
         self.remove()
 
 
+class AblationHandle(SteeringHandle):
+    """Live hooks that project a direction out of the residual stream: `h <- h - (h . u) u` for the unit `u` of each
+    layer (CAFT, concept-ablation fine-tuning). Same positions, padding rule and lifecycle as steering."""
+
+    def __init__(self, model, directions: dict[int, torch.Tensor], positions: str = "all"):
+        units = {layer: d.float() / d.float().norm().clamp(min=1e-12) for layer, d in directions.items()}
+        super().__init__(model, units, positions)
+
+    def _steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        unit = self._delta(layer, hidden)
+        weights = self._weights(hidden)
+        removed = (hidden @ unit).unsqueeze(-1) * unit
+        return hidden - removed if weights is None else hidden - weights * removed
+
+
+def ablate_directions(model, directions: dict[int, torch.Tensor], positions: str = "all") -> AblationHandle:
+    """Start projecting `directions[layer]` out of the output of each block; a context manager like `add_vectors`."""
+    return AblationHandle(model, directions, positions)
+
+
 def add_vectors(model, deltas: dict[int, torch.Tensor], positions: str = "all") -> SteeringHandle:
     """Start adding `deltas[layer]` to the output of each block; use as a context manager or call `.remove()`."""
     return SteeringHandle(model, deltas, positions)
