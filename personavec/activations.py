@@ -131,6 +131,8 @@ def capture(
         if empty:
             raise PersonavecError(f"chat {empty[0] + 1} has an empty response; response_avg needs at least one token")
 
+    if getattr(model, "personavec_engine", None):
+        return _engine_capture(model, chats, encoded, layers, positions, skipped, batch_size, show_progress)
     device = next(model.parameters()).device
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size
     results = {p: torch.zeros(len(chats), len(layers), hidden) for p in positions}
@@ -201,4 +203,23 @@ def capture(
         for handle in handles:
             handle.remove()
 
+    return Activations(layers=layers, token_norm=token_norm, skipped=skipped, **results)
+
+
+def _engine_capture(engine, chats, encoded, layers, positions, skipped, batch_size, show_progress) -> Activations:
+    """The same readings through the vLLM engine's hooks (each chat is sent whole, one token is sampled and dropped)."""
+    with_response = "response_avg" in positions
+    results = {p: torch.zeros(len(chats), len(layers), engine.hidden_size) for p in positions}
+    token_norm = torch.zeros(len(chats), len(layers))
+    keep = [i for i in range(len(chats)) if i not in set(skipped)]
+    chunk = max(64, 4 * batch_size)
+    with progress_bar("activations (vllm)", total=len(keep), enabled=show_progress) as advance:
+        for start in range(0, len(keep), chunk):
+            rows = keep[start : start + chunk]
+            out, norms, _ = engine.capture_chats([chats[i] for i in rows], layers, with_response)
+            for position, name in (("response_avg", "response"), ("prompt_avg", "prompt"), ("prompt_last", "last")):
+                if position in results:
+                    results[position][rows] = out[name]
+            token_norm[rows] = norms
+            advance(len(rows))
     return Activations(layers=layers, token_norm=token_norm, skipped=skipped, **results)

@@ -27,6 +27,9 @@ def generate(
     `on_batch(indices, answers)` is called after each batch (for appending to a
     run's JSONL as answers are produced).
     """
+    if getattr(model, "personavec_engine", None):
+        return _engine_generate(model, chats, max_new_tokens, temperature, top_p, batch_size, seed, show_progress,
+                                on_batch)
     texts = [prompt_text(tokenizer, messages) for messages in chats]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -51,4 +54,58 @@ def generate(
             if on_batch:
                 on_batch(indices, [answers[i] for i in indices])
             advance(len(indices))
+    return answers  # type: ignore[return-value]
+
+
+def _engine_generate(engine, chats, max_new_tokens, temperature, top_p, batch_size, seed, show_progress, on_batch,
+                     steerings=None) -> list[str]:
+    """vLLM schedules its own batches; we hand it large chunks so `on_batch` still saves progress as it goes."""
+    chunk = max(64, 4 * batch_size)
+    answers: list[str] = []
+    with progress_bar("generating (vllm)", total=len(chats), enabled=show_progress) as advance:
+        for start in range(0, len(chats), chunk):
+            indices = list(range(start, min(start + chunk, len(chats))))
+            new = engine.generate([chats[i] for i in indices], max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=None if seed is None else seed + start,
+                                  steering=None if steerings is None else [steerings[i] for i in indices],
+                                  show_progress=False)
+            answers += new
+            if on_batch:
+                on_batch(indices, new)
+            advance(len(indices))
+    return answers
+
+
+def generate_each(model, tokenizer, chats: list[list[dict]], deltas: list[dict | None], positions: str = "all",
+                  **kwargs) -> list[str]:
+    """Answer chat i steered by `deltas[i]` ({layer: tensor} or None). The vLLM engine mixes them in one batch;
+    with transformers, chats that share their steering are generated together."""
+    from .steering import add_vectors
+
+    if getattr(model, "personavec_engine", None):
+        from .vllm_engine import Steering
+
+        steerings = [Steering(d, positions) if d else None for d in deltas]
+        return _engine_generate(model, chats, kwargs.get("max_new_tokens", 128), kwargs.get("temperature", 0.0),
+                                kwargs.get("top_p", 1.0), kwargs.get("batch_size", 16), kwargs.get("seed", 0),
+                                kwargs.get("show_progress", True), kwargs.get("on_batch"), steerings)
+    groups: dict[int, list[int]] = {}
+    for i, d in enumerate(deltas):
+        groups.setdefault(id(d) if d else 0, []).append(i)
+    answers: list[str | None] = [None] * len(chats)
+    on_batch = kwargs.pop("on_batch", None)
+    for indices in groups.values():
+        d = deltas[indices[0]]
+
+        def local_batch(local, new, indices=indices):
+            if on_batch:
+                on_batch([indices[j] for j in local], new)
+
+        if d:
+            with add_vectors(model, d, positions):
+                new = generate(model, tokenizer, [chats[i] for i in indices], on_batch=local_batch, **kwargs)
+        else:
+            new = generate(model, tokenizer, [chats[i] for i in indices], on_batch=local_batch, **kwargs)
+        for i, a in zip(indices, new):
+            answers[i] = a
     return answers  # type: ignore[return-value]

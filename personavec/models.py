@@ -304,8 +304,14 @@ def _unwrap(model):
     return get_base() if callable(get_base) else model
 
 
+def _refuse_engine(model, what: str) -> None:
+    if getattr(model, "personavec_engine", None):
+        raise PersonavecError(f"{what} needs the transformers model; use --engine hf for it")
+
+
 def decoder_blocks(model) -> torch.nn.ModuleList:
     """The model's decoder blocks in order: block i (1-based) produces hidden_states[i]."""
+    _refuse_engine(model, "this step")
     model = _unwrap(model)
     for path in _BLOCK_PATHS:
         blocks = _get_path(model, path)
@@ -316,6 +322,7 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
 
 def decoder_stack(model) -> torch.nn.Module:
     """The module that runs the blocks (embeddings -> blocks -> final norm), i.e. the model without its LM head."""
+    _refuse_engine(model, "this step")
     model = _unwrap(model)
     for path in _BLOCK_PATHS:
         blocks = _get_path(model, path)
@@ -336,13 +343,29 @@ def final_norm(model) -> torch.nn.Module | None:
 
 
 def n_layers(model) -> int:
+    if getattr(model, "personavec_engine", None):
+        return model.n_blocks
     return len(decoder_blocks(model))
 
 
 def hidden_size(model) -> int:
+    if getattr(model, "personavec_engine", None):
+        return model.hidden_size
     config = _unwrap(model).config
     config = getattr(config, "text_config", None) or config
     return int(config.hidden_size)
+
+
+def _fingerprint(arch: str, layers: int, hidden: int, vocab, named_tensors) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"arch": arch, "layers": layers, "hidden": hidden, "vocab": vocab}, sort_keys=True).encode())
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        flat = tensor.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        # Rounded through bf16 so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint.
+        digest.update(name.encode())
+        digest.update(sample.to("cpu", torch.bfloat16).float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def model_fingerprint(model) -> str:
@@ -352,20 +375,26 @@ def model_fingerprint(model) -> str:
     a LoRA adapter attached) included, so a vector, a judge score or a cached
     base answer made on one is never silently taken for the other's.
     """
+    if getattr(model, "personavec_engine", None):
+        return model.fingerprint()
     base = _unwrap(model)
-    config = base.config
-    digest = hashlib.sha256()
-    digest.update(json.dumps({
-        "arch": type(base).__name__,
-        "layers": n_layers(base),
-        "hidden": hidden_size(base),
-        "vocab": getattr(config, "vocab_size", None),
-    }, sort_keys=True).encode())
     with torch.no_grad():
-        for name, param in sorted(base.named_parameters(), key=lambda item: item[0]):
-            flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64]
-            # Rounded through bf16 so the same checkpoint loaded in fp32 or bf16 gives the same fingerprint.
-            digest.update(name.encode())
-            digest.update(sample.to("cpu", torch.bfloat16).float().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        return _fingerprint(type(base).__name__, n_layers(base), hidden_size(base),
+                            getattr(base.config, "vocab_size", None),
+                            [(name, p.detach()) for name, p in base.named_parameters()])
+
+
+def folder_fingerprint(path: str, config, layers: int) -> str:
+    """`model_fingerprint` of the transformers model saved in `path`, read from its safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise PersonavecError(f"{path}: no safetensors files to fingerprint")
+    text = getattr(config, "text_config", None) or config
+    tensors = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            tensors += [(name, handle.get_tensor(name)) for name in handle.keys()]
+    return _fingerprint((config.architectures or ["?"])[0], layers, int(text.hidden_size),
+                        getattr(text, "vocab_size", None), tensors)

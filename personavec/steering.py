@@ -149,8 +149,43 @@ def ablate_directions(model, directions: dict[int, torch.Tensor], positions: str
     return AblationHandle(model, directions, positions)
 
 
+class EngineSteeringHandle:
+    """Steering on a vLLM engine: every request sent while the handle is active carries these deltas."""
+
+    def __init__(self, engine, deltas: dict[int, torch.Tensor], positions: str = "all"):
+        from .vllm_engine import Steering
+
+        if positions not in STEER_POSITIONS:
+            raise PersonavecError(f"--position {positions!r}: use one of {', '.join(STEER_POSITIONS)}")
+        total = n_layers(engine)
+        for layer, delta in deltas.items():
+            if not 0 <= layer <= total:
+                raise PersonavecError(f"--layer {layer} is out of range: this model has layers 0..{total}")
+            if not torch.isfinite(delta).all():
+                raise PersonavecError(f"the steering vector at layer {layer} contains NaN or inf")
+        self.engine = engine
+        self.deltas = {layer: delta.detach().float() for layer, delta in deltas.items()}
+        self.steering = Steering(self.deltas, positions)
+        engine.active.append(self.steering)
+
+    def set_token_mask(self, mask) -> None:
+        raise PersonavecError("token masks (training) need the transformers model; use --engine hf")
+
+    def remove(self) -> None:
+        if self.steering in self.engine.active:
+            self.engine.active.remove(self.steering)
+
+    def __enter__(self) -> "EngineSteeringHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 def add_vectors(model, deltas: dict[int, torch.Tensor], positions: str = "all") -> SteeringHandle:
     """Start adding `deltas[layer]` to the output of each block; use as a context manager or call `.remove()`."""
+    if getattr(model, "personavec_engine", None):
+        return EngineSteeringHandle(model, deltas, positions)
     return SteeringHandle(model, deltas, positions)
 
 

@@ -8,7 +8,7 @@ import torch
 from personavec.errors import PersonavecError
 from personavec.judge import Judge
 from personavec.models import load_model
-from personavec.pipeline import extract as extract_mod
+import personavec.generate as generate_mod
 from personavec.pipeline.evaluate import EvaluateConfig, mc_accuracy, capability_items, run_evaluate
 from personavec.pipeline.extract import ExtractConfig, choose_layer, keep_pairs, run_extract
 from personavec.traits import load_trait
@@ -46,7 +46,7 @@ def test_extract_without_judge_keeps_everything_and_resumes(tiny_folder, tiny_lm
                                                             "report.html", "vectors.safetensors", "judged.jsonl"}
 
     # kill after the second batch of answers, then rerun: nothing regenerated, same vectors
-    real_generate = extract_mod.generate
+    real_generate = generate_mod.generate
     calls = {"n": 0}
 
     def dying_generate(*args, on_batch=None, **kwargs):
@@ -57,14 +57,14 @@ def test_extract_without_judge_keeps_everything_and_resumes(tiny_folder, tiny_lm
                 raise KeyboardInterrupt
         return real_generate(*args, on_batch=counting, **kwargs)
 
-    monkeypatch.setattr(extract_mod, "generate", dying_generate)
+    monkeypatch.setattr(generate_mod, "generate", dying_generate)
     with pytest.raises(KeyboardInterrupt):
         run_extract(cfg_for(tiny_folder), trait, model, tok, None, tmp_path / "b")
     written = [json.loads(line) for line in (tmp_path / "b" / "responses.jsonl").read_text().splitlines()]
     assert len(written) == 8 and not (tmp_path / "b" / "vectors.safetensors").exists()
 
     asked = []
-    monkeypatch.setattr(extract_mod, "generate", lambda m, t, chats, **kw: asked.append(len(chats)) or real_generate(m, t, chats, **kw))
+    monkeypatch.setattr(generate_mod, "generate", lambda m, t, chats, **kw: asked.append(len(chats)) or real_generate(m, t, chats, **kw))
     resumed = run_extract(cfg_for(tiny_folder), trait, model, tok, None, tmp_path / "b")
     assert asked == [20 - 8]
     torch.testing.assert_close(resumed.vector.vectors, full.vector.vectors)

@@ -55,3 +55,51 @@ def test_bf16_capture_agrees_with_hidden_states(smollm):
     ref = hs[:, enc.prompt_len:].mean(1)
     cos = torch.nn.functional.cosine_similarity(acts.response_avg[0], ref, dim=-1)
     assert cos.min() > 0.999
+
+
+def test_monitor_projection_rises_with_what_the_system_prompt_asks(smollm):
+    from personavec.pipeline.monitor import StudyConfig, study_items, study_summary
+    from personavec.pipeline.project import project_chats
+    from personavec.traits import load_trait
+
+    model, tok = smollm
+    pos, neg = builtin_contrast()
+    vector, _ = contrastive_vector(model, tok, pos, neg, trait="optimistic", show_progress=False)
+    items = study_items(StudyConfig(study="system-prompts", model="", trait="optimistic", vector="", judge="none",
+                                    questions=6), load_trait("optimistic"))
+    values = project_chats(model, tok, [it["messages"] for it in items], vector, vector.layer,
+                           show_progress=False)["prompt_last"]
+    rows = [{**it, "projection": v} for it, v in zip(items, values)]
+    per = {e["condition"]: e["projection"]["mean"] for e in study_summary(rows)["per_condition"]}
+    assert per["elicit-strong"] > per["neutral"] > per["suppress-strong"], per
+    assert study_summary(rows)["projection_vs_level_spearman"] > 0.3
+
+
+def test_gate_fails_a_trait_inducing_finetune_and_passes_a_neutral_one(smollm, tmp_path):
+    """Three LoRA steps on 24 plainly optimistic answers vs on neutral answers to the same questions."""
+    from pathlib import Path
+
+    from personavec.chat import read_chats
+    from personavec.pipeline.finetune import FinetuneConfig, run_finetune
+    from personavec.pipeline.gate import GateLimits, run_gate
+
+    base, tok = smollm
+    pos, neg = builtin_contrast()
+    vector, _ = contrastive_vector(base, tok, pos, neg, trait="optimistic", show_progress=False)
+    (tmp_path / "vectors").mkdir()
+    vector.save(tmp_path / "vectors" / "optimistic.safetensors")
+    data = Path(__file__).parent.parent / "experiments" / "data"
+    folder = base.name_or_path
+    verdicts = {}
+    for name in ("optimistic", "neutral"):
+        candidate, _ = load_model("smollm2-135m")
+        cfg = FinetuneConfig(model="smollm2-135m", data=name, learning_rate=2e-3, batch_size=8, grad_accum=1,
+                             warmup_steps=1)
+        run_finetune(cfg, read_chats(data / f"{name}_train.jsonl")[:24], candidate, tok, tmp_path / f"ft-{name}",
+                     show_progress=False)
+        verdicts[name] = run_gate(folder, name, ["optimistic"], tmp_path / "vectors", GateLimits(max_shift=0.05), base,
+                                  candidate, tok, None, "none", tmp_path / f"gate-{name}", questions=10)
+    assert not verdicts["optimistic"]["passed"], verdicts["optimistic"]["traits"]
+    assert "exceeds --max-shift 0.05" in verdicts["optimistic"]["failures"][0]
+    assert verdicts["neutral"]["passed"], verdicts["neutral"]["traits"]
+    assert verdicts["optimistic"]["traits"][0]["shift"] > verdicts["neutral"]["traits"][0]["shift"]

@@ -13,11 +13,10 @@ import torch
 
 from ..chat import prompt_text, user_chat, write_jsonl
 from ..models import decoder_stack
-from ..progress import progress_bar
 from ..runs import RunDir
 from ..traits import Trait
 from ..vectors import PersonaVector
-from .extract import judge_rows
+from .extract import generate_missing, judge_rows
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -84,6 +83,23 @@ def _stats(values: list[float | None]) -> dict:
             "n": len(vals)}
 
 
+@dataclass
+class _Generation:
+    """The generation settings of an evaluate run, in the shape `generate_missing` takes."""
+
+    cfg: EvaluateConfig
+    temperature: float = 0.0
+    seed: int = 0
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.cfg.max_new_tokens
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+
 def evaluate_run_config(cfg: EvaluateConfig, vector: PersonaVector) -> dict:
     """The run's identity: the options plus what the vector file holds (a new vector at the same path is a new run)."""
     digest = hashlib.sha256(vector.vectors.numpy().tobytes()).hexdigest()[:16]
@@ -92,26 +108,19 @@ def evaluate_run_config(cfg: EvaluateConfig, vector: PersonaVector) -> dict:
 
 def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model, tokenizer, judge, out: str | Path,
                  force: bool = False) -> dict:
-    from ..generate import generate
     from ..report import figure_html, table_html, write_report
 
     vector.check_model(model)
     layer = vector.check_layer(cfg.layer)
     run = RunDir(out, evaluate_run_config(cfg, vector), force=force, resume_keys=cfg.resume_keys)
     questions = trait.eval_questions[: cfg.questions or len(trait.eval_questions)]
-    done = {row["id"]: row for row in run.read_jsonl("answers.jsonl")}
-    with progress_bar("steering curve", total=len(cfg.coefs)) as advance:
-        for coef in cfg.coefs:
-            items = [{"id": f"c{coef:+g}-q{q}", "coef": coef, "question": question} for q, question in enumerate(questions)]
-            todo = [item for item in items if item["id"] not in done]
-            if todo:
-                with vector.apply(model, layer=layer, coef=coef, coef_mode=cfg.coef_mode):
-                    answers = generate(model, tokenizer, [user_chat(it["question"]) for it in todo],
-                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, show_progress=False)
-                rows = [{**it, "answer": a} for it, a in zip(todo, answers)]
-                run.append_jsonl("answers.jsonl", rows)
-                done.update({row["id"]: row for row in rows})
-            advance(1)
+    vector.check_model(model)
+    deltas = {coef: {layer: vector.delta(layer, coef, cfg.coef_mode)} if coef else None for coef in cfg.coefs}
+    items = [{"id": f"c{coef:+g}-q{q}", "coef": coef, "question": question}
+             for coef in cfg.coefs for q, question in enumerate(questions)]
+    answered = generate_missing(run, "answers.jsonl", model, tokenizer, items, lambda it: user_chat(it["question"]),
+                                _Generation(cfg), deltas_of=lambda it: deltas[it["coef"]])
+    done = {row["id"]: row for row in answered}
     rows = list(done.values())
     judge_rows(judge, trait, rows)
     write_jsonl(run.file("judged.jsonl"), rows)

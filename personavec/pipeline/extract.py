@@ -24,7 +24,6 @@ import torch
 from ..activations import capture
 from ..chat import user_chat, write_jsonl
 from ..errors import PersonavecError
-from ..generate import generate
 from ..models import n_layers
 from ..progress import progress_bar
 from ..runs import RunDir
@@ -80,11 +79,15 @@ def item_chat(item: dict, with_answer: bool = True) -> list[dict]:
 
 
 def generate_missing(run: RunDir, name: str, model, tokenizer, items: list[dict], chat_of,
-                     cfg) -> list[dict]:
+                     cfg, deltas_of=None) -> list[dict]:
     """Answer the items not yet in `run/name`, appending each batch as it is produced; return all rows by id.
 
-    `cfg` is any config with `max_new_tokens`, `temperature`, `batch_size` and `seed`.
+    `cfg` is any config with `max_new_tokens`, `temperature`, `batch_size` and `seed`. `deltas_of(item)` gives an
+    item's own steering ({layer: delta} or None; return the same dict for the same steering): the vLLM engine
+    mixes them in one batch, transformers runs each group in turn.
     """
+    from ..generate import generate_each
+
     done = {row["id"]: row for row in run.read_jsonl(name)}
     todo = [item for item in items if item["id"] not in done]
     if todo:
@@ -93,8 +96,9 @@ def generate_missing(run: RunDir, name: str, model, tokenizer, items: list[dict]
             run.append_jsonl(name, rows)
             done.update({row["id"]: row for row in rows})
 
-        generate(model, tokenizer, [chat_of(item) for item in todo], max_new_tokens=cfg.max_new_tokens,
-                 temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed, on_batch=on_batch)
+        deltas = [deltas_of(item) if deltas_of else None for item in todo]
+        generate_each(model, tokenizer, [chat_of(item) for item in todo], deltas, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed, on_batch=on_batch)
     return [done[item["id"]] for item in items]
 
 
@@ -165,15 +169,13 @@ def layer_sweep(run: RunDir, model, tokenizer, vector: PersonaVector, trait: Tra
                 candidates: list[int]) -> list[dict]:
     """Answers to held-out eval questions steered at each candidate layer (coef 0 = baseline), judged."""
     questions = trait.eval_questions[: cfg.sweep_questions]
-    rows: list[dict] = []
-    for layer in [0] + candidates:  # "layer 0" rows are the unsteered baseline
-        items = [{"id": f"L{layer}-q{q}", "layer": layer, "coef": 0.0 if layer == 0 else cfg.sweep_coef,
-                  "question": question} for q, question in enumerate(questions)]
-        if layer == 0:
-            rows += generate_missing(run, "sweep.jsonl", model, tokenizer, items, lambda it: user_chat(it["question"]), cfg)
-            continue
-        with vector.apply(model, layer=layer, coef=cfg.sweep_coef, coef_mode="norm"):
-            rows += generate_missing(run, "sweep.jsonl", model, tokenizer, items, lambda it: user_chat(it["question"]), cfg)
+    vector.check_model(model)
+    deltas = {layer: {layer: vector.delta(layer, cfg.sweep_coef, "norm")} for layer in candidates}
+    items = [{"id": f"L{layer}-q{q}", "layer": layer, "coef": 0.0 if layer == 0 else cfg.sweep_coef,
+              "question": question}
+             for layer in [0] + candidates for q, question in enumerate(questions)]  # "layer 0": unsteered baseline
+    rows = generate_missing(run, "sweep.jsonl", model, tokenizer, items, lambda it: user_chat(it["question"]), cfg,
+                            deltas_of=lambda it: deltas.get(it["layer"]))
     judge_rows(judge, trait, rows)
     return rows
 

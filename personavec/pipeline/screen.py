@@ -36,9 +36,9 @@ SCORES = ("projection_difference", "approx_projection_difference", "response_pro
 
 @dataclass
 class ScreenConfig:
-    model: str
-    vector: str
-    data: str
+    model: str = ""  # model, vector and data are recorded in the run's config; the scoring does not use them
+    vector: str = ""
+    data: str = ""
     layer: int | None = None
     approx: bool = False
     max_new_tokens: int = 128  # length of the base model's greedy answers

