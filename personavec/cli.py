@@ -106,6 +106,8 @@ def steer_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("auto", "--dtype"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
 ) -> None:
     """Answer with a persona vector added at one layer."""
     from .chat import read_chats, user_chat, write_jsonl
@@ -119,7 +121,10 @@ def steer_cmd(
         raise PersonavecError("use either --prompt or --input, not both")
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path) if input_path else None
-    lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if engine == "hf":
+        lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
     layer = vector.check_layer(layer)
     coef_mode = coef_mode or vector.coef_mode
     handle = vector.apply(lm, layer=layer, coef=coef, positions=positions, coef_mode=coef_mode)
@@ -179,6 +184,15 @@ def export_cmd(
         raise PersonavecError(f"--format {fmt!r}: use gguf or pt")
 
 
+def _load_engine(model: str, engine: str, dtype: str, tensor_parallel_size: int = 1):
+    from .models import load_for_engine
+
+    kwargs = {"tensor_parallel_size": tensor_parallel_size} if engine == "vllm" else {}
+    if engine == "hf" and tensor_parallel_size != 1:
+        raise PersonavecError("--tensor-parallel-size needs --engine vllm")
+    return load_for_engine(model, engine, dtype, **kwargs)
+
+
 def _float_list(text: str, flag: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -215,11 +229,12 @@ def extract_cmd(
     sweep_questions: int = typer.Option(5, "--sweep-questions"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force", help="overwrite a folder that holds a different run"),
+    engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
 ) -> None:
     """The paper's pipeline: generate pos/neg answers, judge, filter, vectors, choose a layer, report."""
     from .calibration import threshold_for, warn_if_uncalibrated
     from .judge import make_judge
-    from .models import load_model
     from .pipeline.extract import ExtractConfig, run_extract
     from .traits import load_trait
 
@@ -234,7 +249,7 @@ def extract_cmd(
         coherence_threshold=coherence_threshold,
         candidate_layers=[int(x) for x in _float_list(layers, "--layers")] if layers else None,
         sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype)
-    lm, tokenizer = load_model(model, dtype=dtype)
+    lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
     judge = make_judge(judge_spec)
     if judge is not None:
         warn_if_uncalibrated(judge_spec, trait.name, calib)
@@ -260,10 +275,11 @@ def evaluate_cmd(
     capability: bool = typer.Option(False, "--capability", help="also multiple-choice accuracy under each coefficient"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
+    engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
 ) -> None:
     """Steering curve: trait and coherence scores for each coefficient (and capability with --capability)."""
     from .judge import make_judge
-    from .models import load_model
     from .pipeline.evaluate import EvaluateConfig, run_evaluate
     from .traits import load_trait
     from .vectors import PersonaVector
@@ -273,7 +289,9 @@ def evaluate_cmd(
     cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec,
                          coefs=_float_list(coefs, "--coefs"), layer=layer, coef_mode=coef_mode, questions=questions,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability)
-    lm, tokenizer = load_model(model, dtype=dtype)
+    if capability and engine != "hf":
+        raise PersonavecError("--capability scores next-token logits with the transformers model; use --engine hf")
+    lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
     summary = run_evaluate(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
     _print_curve(summary)
     print(f"report: {out / 'report.html'}")

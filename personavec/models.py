@@ -398,3 +398,19 @@ def folder_fingerprint(path: str, config, layers: int) -> str:
             tensors += [(name, handle.get_tensor(name)) for name in handle.keys()]
     return _fingerprint((config.architectures or ["?"])[0], layers, int(text.hidden_size),
                         getattr(text, "vocab_size", None), tensors)
+
+
+ENGINES = ("hf", "vllm")
+
+
+def load_for_engine(spec: str, engine: str = "hf", dtype: str | torch.dtype = "auto", **engine_kwargs):
+    """`(model, tokenizer)` for the chosen engine: a transformers model (`hf`), or a `VllmEngine` (`vllm`), which
+    personavec's generate, capture and steering accept in place of the model."""
+    if engine == "hf":
+        return load_model(spec, dtype=dtype)
+    if engine == "vllm":
+        from .vllm_engine import VllmEngine
+
+        vllm_engine = VllmEngine(spec, dtype=dtype if isinstance(dtype, str) else "auto", **engine_kwargs)
+        return vllm_engine, vllm_engine.tokenizer
+    raise PersonavecError(f"--engine {engine!r}: use {' or '.join(ENGINES)}")

@@ -304,6 +304,7 @@ class VllmEngine:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.name_or_path = spec
+        self._fingerprint: str | None = None
         self.active: list[Steering] = []  # set by `add_vectors(engine, ...)`; applies to every request
 
     def check_config(self) -> None:
@@ -332,7 +333,9 @@ class VllmEngine:
         """The same fingerprint `models.model_fingerprint` gives the transformers model of this folder."""
         from .models import folder_fingerprint
 
-        return folder_fingerprint(self.path, self.config, self.n_blocks)
+        if self._fingerprint is None:  # reads every weight file once
+            self._fingerprint = folder_fingerprint(self.path, self.config, self.n_blocks)
+        return self._fingerprint
 
     # -- generation -----------------------------------------------------------------
     def _prompts(self, chats: list[list[dict]]):

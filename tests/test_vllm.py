@@ -1,0 +1,118 @@
+"""The vLLM engine against the transformers engine on smollm2-135m (`make test-vllm`; skipped without vllm).
+
+One engine per module: vLLM takes seconds to start and holds its memory.
+"""
+
+import pytest
+
+from personavec.vllm_engine import vllm_available
+
+pytestmark = [pytest.mark.vllm, pytest.mark.model,
+              pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (make setup-vllm / make test-vllm)")]
+
+PROMPTS = ["What do you think the next ten years will bring?", "How was your weekend?",
+           "Is it worth learning to cook?", "My team lost again. Thoughts?", "What should I plant this spring?",
+           "Describe a rainy Monday.", "Should I take the job offer in another city?", "Tell me about the ocean."]
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from personavec.models import load_model
+    from personavec.pipeline.contrast import builtin_contrast, contrastive_vector
+    from personavec.vllm_engine import VllmEngine
+
+    model, tok = load_model("smollm2-135m", dtype="bf16")
+    pos, neg = builtin_contrast()
+    vector, _ = contrastive_vector(model, tok, pos, neg, trait="optimistic", show_progress=False)
+    engine = VllmEngine("smollm2-135m", dtype="bf16", max_model_len=1024)
+    return model, tok, engine, vector
+
+
+def chats():
+    from personavec.chat import user_chat
+
+    return [user_chat(p) for p in PROMPTS]
+
+
+def test_prefix_caching_is_off_and_hooks_can_run(engines):
+    _, _, engine, _ = engines
+    config = engine.llm.llm_engine.vllm_config
+    assert config.cache_config.enable_prefix_caching is False and engine.prefix_caching is False
+    assert config.model_config.enforce_eager is True
+
+
+def test_coefficient_zero_is_the_unsteered_output(engines):
+    from personavec.generate import generate
+
+    _, tok, engine, vector = engines
+    plain = generate(engine, tok, chats(), max_new_tokens=TOKENS, show_progress=False)
+    with vector.apply(engine, coef=0.0, coef_mode="norm"):
+        zero = generate(engine, tok, chats(), max_new_tokens=TOKENS, show_progress=False)
+    assert zero == plain
+
+
+def test_steered_answers_match_the_transformers_engine(engines):
+    from personavec.generate import generate
+
+    model, tok, engine, vector = engines
+    with vector.apply(engine, coef=0.5, coef_mode="norm"):
+        ours = generate(engine, tok, chats(), max_new_tokens=TOKENS, show_progress=False)
+    with vector.apply(model, coef=0.5, coef_mode="norm"):
+        reference = generate(model, tok, chats(), max_new_tokens=TOKENS, show_progress=False)
+    plain = generate(engine, tok, chats(), max_new_tokens=TOKENS, show_progress=False)
+    assert sum(a != b for a, b in zip(ours, plain)) >= len(PROMPTS) // 2  # steering changed most answers
+    # bf16 kernels differ between the engines, so greedy paths may part late; most must agree from the start
+    agree = sum(a.split()[:6] == b.split()[:6] for a, b in zip(ours, reference))
+    assert agree >= len(PROMPTS) * 3 // 4, list(zip(ours, reference))
+
+
+def test_captured_activations_match_transformers(engines):
+    from personavec.activations import capture
+    from personavec.pipeline.contrast import builtin_contrast
+    from personavec.vecmath import cosine
+
+    model, tok, engine, vector = engines
+    pos, _ = builtin_contrast()
+    layers = [0, 5, vector.layer, 30]
+    ours = capture(engine, tok, pos[:6], layers=layers, show_progress=False)
+    reference = capture(model, tok, pos[:6], layers=layers, show_progress=False)
+    for position in ("response_avg", "prompt_avg", "prompt_last"):
+        similarity = cosine(ours.at(position), reference.at(position))
+        assert similarity.min() >= 0.999, (position, similarity)
+    with vector.apply(engine, coef=0.5, coef_mode="norm"), vector.apply(model, coef=0.5, coef_mode="norm"):
+        ours = capture(engine, tok, pos[:6], layers=[vector.layer + 2], show_progress=False)
+        reference = capture(model, tok, pos[:6], layers=[vector.layer + 2], show_progress=False)
+    assert cosine(ours.response_avg, reference.response_avg).min() >= 0.999
+
+
+def test_one_batch_mixes_coefficients_without_leaking(engines):
+    from personavec.generate import generate, generate_each
+
+    model, tok, engine, vector = engines
+    layer = vector.layer
+    up, down = {layer: vector.delta(layer, 0.5, "norm")}, {layer: vector.delta(layer, -0.5, "norm")}
+    prompts = chats()[:4]
+    mixed = generate_each(engine, tok, prompts * 3, [None] * 4 + [up] * 4 + [down] * 4, max_new_tokens=TOKENS,
+                          show_progress=False)
+    plain = generate(engine, tok, prompts, max_new_tokens=TOKENS, show_progress=False)
+    with vector.apply(engine, coef=0.5, coef_mode="norm"):
+        alone_up = generate(engine, tok, prompts, max_new_tokens=TOKENS, show_progress=False)
+    assert mixed[:4] == plain  # the same prompts steered in the same batch did not touch these
+    assert mixed[4:8] == alone_up
+    assert mixed[8:] != mixed[4:8]
+
+
+def test_position_modes_follow_the_transformers_meaning(engines):
+    from personavec.generate import generate
+
+    model, tok, engine, vector = engines
+    prompts = chats()[:4]
+    results = {}
+    for positions in ("prompt", "response"):
+        with vector.apply(engine, coef=0.8, coef_mode="norm", positions=positions):
+            ours = generate(engine, tok, prompts, max_new_tokens=TOKENS, show_progress=False)
+        with vector.apply(model, coef=0.8, coef_mode="norm", positions=positions):
+            reference = generate(model, tok, prompts, max_new_tokens=TOKENS, show_progress=False)
+        results[positions] = sum(a.split()[:5] == b.split()[:5] for a, b in zip(ours, reference))
+    assert min(results.values()) >= 3, results
