@@ -31,18 +31,22 @@ from .models import decoder_blocks, decoder_stack, n_layers
 STEER_POSITIONS = ("all", "prompt", "response")
 
 
+def check_steering(model, deltas: dict[int, torch.Tensor], positions: str) -> None:
+    if positions not in STEER_POSITIONS:
+        raise PersonavecError(f"--position {positions!r}: use one of {', '.join(STEER_POSITIONS)}")
+    total = n_layers(model)
+    for layer, delta in deltas.items():
+        if not 0 <= layer <= total:
+            raise PersonavecError(f"--layer {layer} is out of range: this model has layers 0..{total}")
+        if not torch.isfinite(delta).all():
+            raise PersonavecError(f"the steering vector at layer {layer} contains NaN or inf")
+
+
 class SteeringHandle:
     """Live hooks that add vectors; `remove()` (or leaving the `with` block) takes them off."""
 
     def __init__(self, model, deltas: dict[int, torch.Tensor], positions: str = "all"):
-        if positions not in STEER_POSITIONS:
-            raise PersonavecError(f"--position {positions!r}: use one of {', '.join(STEER_POSITIONS)}")
-        total = n_layers(model)
-        for layer, delta in deltas.items():
-            if not 0 <= layer <= total:
-                raise PersonavecError(f"--layer {layer} is out of range: this model has layers 0..{total}")
-            if not torch.isfinite(delta).all():
-                raise PersonavecError(f"the steering vector at layer {layer} contains NaN or inf")
+        check_steering(model, deltas, positions)
         self.positions = positions
         self.deltas = {layer: delta.detach().float() for layer, delta in deltas.items()}
         self.token_mask: torch.Tensor | None = None
@@ -155,14 +159,7 @@ class EngineSteeringHandle:
     def __init__(self, engine, deltas: dict[int, torch.Tensor], positions: str = "all"):
         from .vllm_engine import Steering
 
-        if positions not in STEER_POSITIONS:
-            raise PersonavecError(f"--position {positions!r}: use one of {', '.join(STEER_POSITIONS)}")
-        total = n_layers(engine)
-        for layer, delta in deltas.items():
-            if not 0 <= layer <= total:
-                raise PersonavecError(f"--layer {layer} is out of range: this model has layers 0..{total}")
-            if not torch.isfinite(delta).all():
-                raise PersonavecError(f"the steering vector at layer {layer} contains NaN or inf")
+        check_steering(engine, deltas, positions)
         self.engine = engine
         self.deltas = {layer: delta.detach().float() for layer, delta in deltas.items()}
         self.steering = Steering(self.deltas, positions)

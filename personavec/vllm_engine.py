@@ -53,7 +53,7 @@ def _set_environment() -> None:
         "VLLM_CACHE_ROOT": str(root / "cache"),
         "VLLM_RPC_BASE_PATH": str(root / "rpc"),
         "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
-        "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1"),
+        "VLLM_LOGGING_LEVEL": "WARNING",  # our own progress bars say what is happening
     }
     if not torch.cuda.is_available():
         cores = len(os.sched_getaffinity(0))
@@ -61,8 +61,7 @@ def _set_environment() -> None:
         defaults.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    for key in ("VLLM_RPC_BASE_PATH",):
-        os.makedirs(os.environ[key], exist_ok=True)
+    os.makedirs(os.environ["VLLM_RPC_BASE_PATH"], exist_ok=True)
 
 
 @dataclass

@@ -442,3 +442,20 @@ def test_shift_command_with_an_adapter(cli_setup, tmp_path, capsys):
     code, _, err = run_cli(capsys, "shift", "--base", folder, "--finetuned", tmp_path / "adapter", "--vector",
                            vector_path, "--questions", "3", "--out", tmp_path / "shift")
     assert code == 2 and "holds a different run" in err
+
+
+def test_engine_flag_errors_are_one_line(cli_setup, tmp_path, capsys):
+    from test_cli import run_cli
+
+    from personavec.vllm_engine import vllm_available
+
+    folder, vector_path, data = cli_setup
+    base = ["screen", "--model", folder, "--vector", vector_path, "--data", data, "--output", tmp_path / "o.jsonl"]
+    code, _, err = run_cli(capsys, *base, "--engine", "tpu")
+    assert code == 2 and "error: --engine 'tpu': use hf or vllm" in err
+    code, _, err = run_cli(capsys, *base, "--tensor-parallel-size", "2")
+    assert code == 2 and "--tensor-parallel-size needs --engine vllm" in err
+    if not vllm_available():
+        code, _, err = run_cli(capsys, *base, "--engine", "vllm")
+        assert code == 2 and "--engine vllm needs vLLM: `pip install 'personavec[vllm]'`" in err
+    assert not (tmp_path / "o.jsonl").exists()
