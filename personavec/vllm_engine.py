@@ -292,6 +292,10 @@ class VllmEngine:
                       worker_extension_cls="personavec.vllm_engine.WorkerExtension", **llm_kwargs)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        if gpu_memory_utilization is None and not torch.cuda.is_available():
+            # on CPU this is the share of RAM vLLM reserves up front (weights + KV cache); its 0.92 default
+            # fails as soon as anything else holds memory
+            gpu_memory_utilization = 0.25
         if gpu_memory_utilization:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
