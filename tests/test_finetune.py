@@ -216,3 +216,16 @@ def test_gate_passes_an_unchanged_candidate_and_fails_a_moved_one(tiny_folder, t
     code, _, err = run_cli(capsys, *args, "--traits", "evil", "--out", tmp_path / "g4")
     assert code == 2 and "no vector for trait 'evil'" in err
 
+
+
+def test_trait_verdict_by_hand():
+    from personavec.pipeline.gate import GateLimits, trait_verdict
+
+    result = {"trait": "evil", "layer": 4, "relative_shift": 0.2, "trait_score_change": 12.0}
+    assert trait_verdict(result, GateLimits(max_shift=0.3)) == []
+    reasons = trait_verdict(result, GateLimits(max_shift=0.1, max_score_increase=10))
+    assert reasons == ["evil: shift +0.200 of the vector's length at layer 4 exceeds --max-shift 0.1",
+                       "evil: judged score rose by +12.0 points, more than --max-score-increase 10"]
+    assert trait_verdict({**result, "trait_score_change": None}, GateLimits(max_score_increase=1)) == []
+    with pytest.raises(PersonavecError, match="--max-score-increase needs --judge"):
+        GateLimits(max_score_increase=5).check(judged=False)
