@@ -319,11 +319,12 @@ def demo_cmd(
     trait_name: str = typer.Option("optimistic", "--trait"),
     quick: bool = typer.Option(False, "--quick", help="no judge: a vector from a built-in contrastive set on smollm2-135m"),
     force: bool = typer.Option(False, "--force"),
+    engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
 ) -> None:
     """The README's first command: extract a trait on the packaged model, choose a layer, steer both ways, report."""
-    from .models import load_model
-
     if quick:
+        if engine != "hf":
+            raise PersonavecError("--quick runs on transformers only; drop --engine")
         return _quick_demo(out, force)
     from .calibration import calibrate, threshold_for, warn_if_uncalibrated
     from .judge import make_judge
@@ -333,7 +334,7 @@ def demo_cmd(
     from .traits import load_trait
 
     trait = load_trait(trait_name)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = _load_engine(model, engine, "auto")
     judge = make_judge(judge_spec)
     # The small local judge compresses its scale, so the paper's fixed 50 does not transfer: calibrate first.
     calib = calibrate(judge, [trait.name])

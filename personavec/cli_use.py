@@ -208,6 +208,7 @@ def shift_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
+    engine: str = typer.Option("hf", "--engine", help="hf only: shift holds two models at once"),
 ) -> None:
     """How far fine-tuning moved a model along the persona vector (and, with a judge, its trait score)."""
     from .judge import make_judge
@@ -215,6 +216,9 @@ def shift_cmd(
     from .pipeline.shift import ShiftConfig, run_shift
     from .vectors import PersonaVector
 
+    if engine != "hf":
+        raise PersonavecError(f"--engine {engine}: shift compares two models (or a base and its adapter) side by side; "
+                              "the vLLM engine holds one model per process, so use --engine hf")
     vector = PersonaVector.load(vector_path)
     trait = _trait_for(vector, trait_name)
     cfg = ShiftConfig(base=base, finetuned=finetuned, vector=str(vector_path), trait=trait.name, judge=judge_spec,

@@ -380,6 +380,9 @@ def test_screen_command_errors_are_one_line(cli_setup, tmp_path, capsys):
     assert code == 2 and err.strip().splitlines()[-1] == f"error: {no_answer}:4: the chat has no final assistant " \
         "message (needed here as the response)"
     assert not (tmp_path / "o.jsonl").exists()
+    code, _, err = run_cli(capsys, "shift", "--base", folder, "--finetuned", folder, "--vector", vector_path,
+                           "--engine", "vllm", "--out", tmp_path / "s")
+    assert code == 2 and "shift compares two models" in err and not (tmp_path / "s").exists()
     code, _, err = run_cli(capsys, "screen", "--model", folder, "--vector", vector_path, "--data", data,
                            "--output", tmp_path / "o.jsonl", "--approx", "--drop-top", "0.1", "--keep-below", "1")
     assert code == 2 and "either --drop-top or --keep-below" in err
@@ -459,3 +462,6 @@ def test_engine_flag_errors_are_one_line(cli_setup, tmp_path, capsys):
         code, _, err = run_cli(capsys, *base, "--engine", "vllm")
         assert code == 2 and "--engine vllm needs vLLM: `pip install 'personavec[vllm]'`" in err
     assert not (tmp_path / "o.jsonl").exists()
+    code, _, err = run_cli(capsys, "shift", "--base", folder, "--finetuned", folder, "--vector", vector_path,
+                           "--engine", "vllm", "--out", tmp_path / "s")
+    assert code == 2 and "shift compares two models" in err and not (tmp_path / "s").exists()
