@@ -465,3 +465,13 @@ def test_engine_flag_errors_are_one_line(cli_setup, tmp_path, capsys):
     code, _, err = run_cli(capsys, "shift", "--base", folder, "--finetuned", folder, "--vector", vector_path,
                            "--engine", "vllm", "--out", tmp_path / "s")
     assert code == 2 and "shift compares two models" in err and not (tmp_path / "s").exists()
+
+
+def test_folder_fingerprint_equals_the_loaded_models(tiny_folder):
+    """The vLLM engine fingerprints the weight files; it must name the same checkpoint as the loaded model."""
+    from personavec.models import folder_fingerprint, load_model, model_fingerprint, n_layers
+
+    model, _ = load_model(tiny_folder, dtype="fp32")
+    assert folder_fingerprint(tiny_folder, model.config, n_layers(model)) == model_fingerprint(model)
+    bf16, _ = load_model(tiny_folder, dtype="bf16")
+    assert model_fingerprint(bf16) == model_fingerprint(model)
