@@ -21,7 +21,7 @@ import torch
 
 from .chat import EncodedChat, encode_chat
 from .errors import PersonavecError
-from .models import decoder_blocks, decoder_stack, final_norm, n_layers
+from .models import decoder_blocks, decoder_stack, final_norm, is_engine, n_layers
 from .progress import progress_bar
 
 POSITIONS = ("response_avg", "prompt_avg", "prompt_last")
@@ -131,7 +131,7 @@ def capture(
         if empty:
             raise PersonavecError(f"chat {empty[0] + 1} has an empty response; response_avg needs at least one token")
 
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         return _engine_capture(model, chats, encoded, layers, positions, skipped, batch_size, show_progress)
     device = next(model.parameters()).device
     hidden = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chat import prompt_text
+from .models import is_engine
 from .progress import progress_bar
 
 
@@ -20,16 +21,20 @@ def generate(
     seed: int | None = 0,
     show_progress: bool = True,
     on_batch=None,
+    steerings: list | None = None,
 ) -> list[str]:
     """Answer each chat (its messages form the prompt). Greedy when temperature is 0.
 
     Chats are batched by prompt length; answers come back in input order.
     `on_batch(indices, answers)` is called after each batch (for appending to a
-    run's JSONL as answers are produced).
+    run's JSONL as answers are produced). `steerings[i]` (a `vllm_engine.Steering`
+    or None) steers chat i on its own; only the vLLM engine takes it (see `generate_each`).
     """
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         return _engine_generate(model, chats, max_new_tokens, temperature, top_p, batch_size, seed, show_progress,
-                                on_batch)
+                                on_batch, steerings)
+    if steerings is not None:
+        raise ValueError("per-chat steerings need the vLLM engine; with transformers use generate_each")
     texts = [prompt_text(tokenizer, messages) for messages in chats]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
@@ -82,13 +87,11 @@ def generate_each(model, tokenizer, chats: list[list[dict]], deltas: list[dict |
     with transformers, chats that share their steering are generated together."""
     from .steering import add_vectors
 
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         from .vllm_engine import Steering
 
-        steerings = [Steering(d, positions) if d else None for d in deltas]
-        return _engine_generate(model, chats, kwargs.get("max_new_tokens", 128), kwargs.get("temperature", 0.0),
-                                kwargs.get("top_p", 1.0), kwargs.get("batch_size", 16), kwargs.get("seed", 0),
-                                kwargs.get("show_progress", True), kwargs.get("on_batch"), steerings)
+        return generate(model, tokenizer, chats, steerings=[Steering(d, positions) if d else None for d in deltas],
+                        **kwargs)
     groups: dict[int, list[int]] = {}
     for i, d in enumerate(deltas):
         groups.setdefault(id(d) if d else 0, []).append(i)

@@ -304,8 +304,13 @@ def _unwrap(model):
     return get_base() if callable(get_base) else model
 
 
+def is_engine(model) -> bool:
+    """True for a `VllmEngine`, which stands in for a transformers model in generate, capture and steering."""
+    return getattr(model, "personavec_engine", None) is not None
+
+
 def _refuse_engine(model, what: str) -> None:
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         raise PersonavecError(f"{what} needs the transformers model; use --engine hf for it")
 
 
@@ -343,13 +348,13 @@ def final_norm(model) -> torch.nn.Module | None:
 
 
 def n_layers(model) -> int:
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         return model.n_blocks
     return len(decoder_blocks(model))
 
 
 def hidden_size(model) -> int:
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         return model.hidden_size
     config = _unwrap(model).config
     config = getattr(config, "text_config", None) or config
@@ -375,7 +380,7 @@ def model_fingerprint(model) -> str:
     a LoRA adapter attached) included, so a vector, a judge score or a cached
     base answer made on one is never silently taken for the other's.
     """
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         return model.fingerprint()
     base = _unwrap(model)
     with torch.no_grad():

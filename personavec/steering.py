@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import PersonavecError
-from .models import decoder_blocks, decoder_stack, n_layers
+from .models import decoder_blocks, decoder_stack, is_engine, n_layers
 
 STEER_POSITIONS = ("all", "prompt", "response")
 
@@ -181,7 +181,7 @@ class EngineSteeringHandle:
 
 def add_vectors(model, deltas: dict[int, torch.Tensor], positions: str = "all") -> SteeringHandle:
     """Start adding `deltas[layer]` to the output of each block; use as a context manager or call `.remove()`."""
-    if getattr(model, "personavec_engine", None):
+    if is_engine(model):
         return EngineSteeringHandle(model, deltas, positions)
     return SteeringHandle(model, deltas, positions)
 

@@ -64,7 +64,7 @@ def _set_environment() -> None:
     os.makedirs(os.environ["VLLM_RPC_BASE_PATH"], exist_ok=True)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: equality over dicts of tensors is ambiguous
 class Steering:
     """What one request adds: `deltas[L]` at layer L, on `positions` (all | prompt | response)."""
 
@@ -72,8 +72,11 @@ class Steering:
     positions: str = "all"
 
     def key(self) -> tuple:
-        return (self.positions,) + tuple((layer, float(d.float().norm()), float(d.float().sum()))
-                                          for layer, d in sorted(self.deltas.items()))
+        """Equal exactly when two steerings add the same values: requests that share it share one table row."""
+        import hashlib
+
+        return (self.positions,) + tuple((layer, hashlib.sha1(d.float().contiguous().numpy().tobytes()).hexdigest())
+                                         for layer, d in sorted(self.deltas.items()))
 
 
 class WorkerExtension:
@@ -447,7 +450,3 @@ def _vllm_dtype(dtype: str) -> str:
 
         return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu"), "float32")
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-
-
-def is_engine(model) -> bool:
-    return getattr(model, "personavec_engine", None) == "vllm"

@@ -475,3 +475,22 @@ def test_folder_fingerprint_equals_the_loaded_models(tiny_folder):
     assert folder_fingerprint(tiny_folder, model.config, n_layers(model)) == model_fingerprint(model)
     bf16, _ = load_model(tiny_folder, dtype="bf16")
     assert model_fingerprint(bf16) == model_fingerprint(model)
+
+
+def test_engine_steering_handles_nest_and_steerings_key_exactly():
+    """Without vLLM: the engine-side bookkeeping that `add_vectors` and `generate_each` rely on."""
+    from types import SimpleNamespace
+
+    from personavec.steering import add_vectors
+    from personavec.vllm_engine import Steering
+
+    engine = SimpleNamespace(personavec_engine="vllm", n_blocks=3, active=[])
+    with add_vectors(engine, {1: torch.ones(4)}) as outer:
+        with add_vectors(engine, {2: torch.ones(4)}) as inner:
+            assert engine.active == [outer.steering, inner.steering]
+        assert engine.active == [outer.steering]
+    assert engine.active == []
+    # same norm and same sum, different vectors: different steering
+    a, b = Steering({1: torch.tensor([1.0, 0.0])}), Steering({1: torch.tensor([0.0, 1.0])})
+    assert a.key() != b.key() and a.key() == Steering({1: torch.tensor([1.0, 0.0])}).key()
+    assert Steering({1: torch.tensor([1.0, 0.0])}, "prompt").key() != a.key()
