@@ -112,7 +112,7 @@ def steer_cmd(
     """Answer with a persona vector added at one layer."""
     from .chat import read_chats, user_chat, write_jsonl
     from .generate import generate
-    from .models import load_model
+    from .models import load_for_engine
     from .vectors import PersonaVector
 
     if (input_path is None) != (output_path is None):
@@ -121,10 +121,7 @@ def steer_cmd(
         raise PersonavecError("use either --prompt or --input, not both")
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path) if input_path else None
-    if engine == "hf":
-        lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    else:
-        lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size, trust_remote_code)
     layer = vector.check_layer(layer)
     coef_mode = coef_mode or vector.coef_mode
     handle = vector.apply(lm, layer=layer, coef=coef, positions=positions, coef_mode=coef_mode)
@@ -184,15 +181,6 @@ def export_cmd(
         raise PersonavecError(f"--format {fmt!r}: use gguf or pt")
 
 
-def _load_engine(model: str, engine: str, dtype: str, tensor_parallel_size: int = 1):
-    from .models import load_for_engine
-
-    kwargs = {"tensor_parallel_size": tensor_parallel_size} if engine == "vllm" else {}
-    if engine == "hf" and tensor_parallel_size != 1:
-        raise PersonavecError("--tensor-parallel-size needs --engine vllm")
-    return load_for_engine(model, engine, dtype, **kwargs)
-
-
 def _float_list(text: str, flag: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -235,6 +223,7 @@ def extract_cmd(
     """The paper's pipeline: generate pos/neg answers, judge, filter, vectors, choose a layer, report."""
     from .calibration import threshold_for, warn_if_uncalibrated
     from .judge import make_judge
+    from .models import load_for_engine
     from .pipeline.extract import ExtractConfig, run_extract
     from .traits import load_trait
 
@@ -249,7 +238,7 @@ def extract_cmd(
         coherence_threshold=coherence_threshold,
         candidate_layers=[int(x) for x in _float_list(layers, "--layers")] if layers else None,
         sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype)
-    lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
     judge = make_judge(judge_spec)
     if judge is not None:
         warn_if_uncalibrated(judge_spec, trait.name, calib)
@@ -280,6 +269,7 @@ def evaluate_cmd(
 ) -> None:
     """Steering curve: trait and coherence scores for each coefficient (and capability with --capability)."""
     from .judge import make_judge
+    from .models import load_for_engine
     from .pipeline.evaluate import EvaluateConfig, run_evaluate
     from .traits import load_trait
     from .vectors import PersonaVector
@@ -291,7 +281,7 @@ def evaluate_cmd(
                          max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability)
     if capability and engine != "hf":
         raise PersonavecError("--capability scores next-token logits with the transformers model; use --engine hf")
-    lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
     summary = run_evaluate(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
     _print_curve(summary)
     print(f"report: {out / 'report.html'}")
@@ -328,13 +318,14 @@ def demo_cmd(
         return _quick_demo(out, force)
     from .calibration import calibrate, threshold_for, warn_if_uncalibrated
     from .judge import make_judge
+    from .models import load_for_engine
     from .pipeline.evaluate import EvaluateConfig, evaluate_run_config, run_evaluate
     from .pipeline.extract import ExtractConfig, run_extract
     from .runs import RunDir
     from .traits import load_trait
 
     trait = load_trait(trait_name)
-    lm, tokenizer = _load_engine(model, engine, "auto")
+    lm, tokenizer = load_for_engine(model, engine)
     judge = make_judge(judge_spec)
     # The small local judge compresses its scale, so the paper's fixed 50 does not transfer: calibrate first.
     calib = calibrate(judge, [trait.name])

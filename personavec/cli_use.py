@@ -23,14 +23,10 @@ def _record_dir(output: Path, out: Optional[Path]) -> Path:
     return out or output.with_name(output.stem + "_run")
 
 
-def _load_engine(model: str, engine: str, dtype: str, tensor_parallel_size: int):
-    from .cli import _load_engine as load
-
-    return load(model, engine, dtype, tensor_parallel_size)
-
-
 def _fmt(x, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
+    from .report import number
+
+    return number(x, spec, missing="-")
 
 
 def _print_distribution(title: str, dist: dict) -> None:
@@ -76,6 +72,7 @@ def monitor_cmd(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
 ) -> None:
     """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
+    from .models import load_for_engine
     from .vectors import PersonaVector
 
     vector = PersonaVector.load(vector_path)
@@ -93,7 +90,7 @@ def monitor_cmd(
     run = RunDir.replace(_record_dir(output, out), {
         "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
         "layer": vector.check_layer(layer), "position": position, "threshold": threshold, "scores": scores})
-    lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
     rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
     write_jsonl(output, rows)
     summary = monitor_summary(rows, top_k, threshold, score_values)
@@ -115,6 +112,7 @@ def monitor_cmd(
 def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions, max_new_tokens, out,
            batch_size, dtype, force, engine, tensor_parallel_size) -> None:
     from .judge import make_judge
+    from .models import load_for_engine
     from .pipeline.monitor import STUDIES, StudyConfig, run_study
 
     if study not in STUDIES:
@@ -131,7 +129,7 @@ def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, sho
     cfg = StudyConfig(study=study, model=model, trait=trait.name, vector=str(vector_path), judge=judge_spec,
                       layer=layer, questions=questions, shots=shot_counts, max_new_tokens=max_new_tokens,
                       batch_size=batch_size)
-    lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
     summary = run_study(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
     for e in summary["per_condition"]:
         extra = f"  trait {e['trait_score_mean']:.1f}  r within {_fmt(e.get('pearson_within'), '+.2f')}" \
@@ -166,6 +164,7 @@ def screen_cmd(
 ) -> None:
     """Score training data by projection difference (the paper's ΔP) to find samples that push a trait."""
     from .chat import read_chats
+    from .models import load_for_engine
     from .pipeline.screen import ScreenConfig, run_screen
     from .vectors import PersonaVector
 
@@ -175,7 +174,7 @@ def screen_cmd(
     records = read_chats(data, require_response=True)
     cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    lm, tokenizer = _load_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
     s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
                    keep_below, top_k)
     for name, dist in s["distribution"].items():

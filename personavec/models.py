@@ -408,14 +408,19 @@ def folder_fingerprint(path: str, config, layers: int) -> str:
 ENGINES = ("hf", "vllm")
 
 
-def load_for_engine(spec: str, engine: str = "hf", dtype: str | torch.dtype = "auto", **engine_kwargs):
+def load_for_engine(spec: str, engine: str = "hf", dtype: str | torch.dtype = "auto", tensor_parallel_size: int = 1,
+                    trust_remote_code: bool = False, **engine_kwargs):
     """`(model, tokenizer)` for the chosen engine: a transformers model (`hf`), or a `VllmEngine` (`vllm`), which
     personavec's generate, capture and steering accept in place of the model."""
     if engine == "hf":
-        return load_model(spec, dtype=dtype)
+        if tensor_parallel_size != 1:
+            raise PersonavecError("--tensor-parallel-size needs --engine vllm")
+        return load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if engine == "vllm":
         from .vllm_engine import VllmEngine
 
-        vllm_engine = VllmEngine(spec, dtype=dtype if isinstance(dtype, str) else "auto", **engine_kwargs)
+        vllm_engine = VllmEngine(spec, dtype=dtype if isinstance(dtype, str) else "auto",
+                                 tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
+                                 **engine_kwargs)
         return vllm_engine, vllm_engine.tokenizer
     raise PersonavecError(f"--engine {engine!r}: use {' or '.join(ENGINES)}")

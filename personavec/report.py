@@ -37,6 +37,11 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def number(value: float | None, spec: str = ".3f", missing: str = "n/a") -> str:
+    """A score for a report or a log line; None (not computable) prints as `missing`."""
+    return missing if value is None else format(value, spec)
+
+
 def layer_plot(layers: list[int], values: list[float], ylabel: str, title: str, mark: int | None = None):
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.plot(layers, values, marker="o", ms=3)

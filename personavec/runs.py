@@ -7,10 +7,19 @@ running a different config into it is refused unless `force` is given.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from .atomic import atomic_write
 from .errors import PersonavecError
+
+
+def config_dict(cfg, **first) -> dict:
+    """A config dataclass as the JSON a run folder records: `first` keys (e.g. the command), then every field but
+    `resume_keys` (which names fields, it is not one)."""
+    data = asdict(cfg)
+    data.pop("resume_keys", None)
+    return {**first, **data}
 
 
 class RunDir:

@@ -10,7 +10,7 @@ from personavec.chat import ChatRecord, encode_chat
 from personavec.errors import PersonavecError
 from personavec.models import load_model
 from personavec.pipeline.finetune import (Example, FinetuneConfig, collate, lr_factor, masked_loss, run_finetune,
-                                          training_hooks)
+                                          training_edit, training_hooks)
 from personavec.steering import ablate_directions
 from personavec.vectors import PersonaVector
 
@@ -67,8 +67,10 @@ def test_ablation_removes_the_direction(tiny_llama):
 def test_steer_layers_all_adds_layer_increments(tiny_llama):
     model, _ = tiny_llama
     vector = vector_for(model)
-    handle = training_hooks(model, cfg("m", steer="v", coef=2.0, steer_layers="all"), vector)
+    edit = training_edit(model, cfg("m", steer="v", coef=2.0, steer_layers="all"), vector)
+    handle = training_hooks(model, edit)
     try:
+        assert edit[0] == "steer"
         assert sorted(handle.deltas) == [1, 2, 3]
         for layer in (1, 2, 3):
             assert torch.allclose(handle.deltas[layer], 2.0 * (vector.vectors[layer] - vector.vectors[layer - 1]))

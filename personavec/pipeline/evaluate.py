@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import torch
 
 from ..chat import prompt_text, user_chat, write_jsonl
 from ..models import decoder_stack
-from ..runs import RunDir
+from ..runs import RunDir, config_dict
 from ..traits import Trait
 from ..vectors import PersonaVector
 from .extract import generate_missing, judge_rows
@@ -38,9 +38,7 @@ class EvaluateConfig:
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
-        data = asdict(self)
-        data.pop("resume_keys")
-        return data
+        return config_dict(self)
 
 
 def capability_items(limit: int | None = None) -> list[dict]:

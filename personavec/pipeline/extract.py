@@ -16,7 +16,7 @@ answers already written are not regenerated, judge calls come from the cache.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from ..chat import user_chat, write_jsonl
 from ..errors import PersonavecError
 from ..models import n_layers
 from ..progress import progress_bar
-from ..runs import RunDir
+from ..runs import RunDir, config_dict
 from ..traits import Trait
 from ..vectors import PersonaVector
 from .contrast import middle_layers, separation_by_layer
@@ -53,9 +53,7 @@ class ExtractConfig:
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
-        data = asdict(self)
-        data.pop("resume_keys")
-        return data
+        return config_dict(self)
 
 
 def extraction_items(trait: Trait, n_questions: int | None, samples: int) -> list[dict]:

@@ -21,7 +21,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,8 +32,8 @@ from ..errors import PersonavecError
 from ..models import decoder_stack, model_fingerprint, n_layers
 from ..progress import progress_bar
 from ..report import figure_html, table_html, write_report
-from ..runs import RunDir
-from ..steering import ablate_directions, add_vectors
+from ..runs import RunDir, config_dict
+from ..steering import ablate_directions, add_vectors, check_steering
 from ..vecmath import layer_incremental
 from ..vectors import PersonaVector
 from .shift import ADAPTER_META
@@ -87,9 +87,7 @@ class FinetuneConfig:
             raise PersonavecError("--learning-rate must be positive")
 
     def as_config(self) -> dict:
-        data = asdict(self)
-        data.pop("resume_keys")
-        return {"command": "finetune", **data}
+        return config_dict(self, command="finetune")
 
 
 @dataclass
@@ -143,19 +141,31 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(total - warmup, 1))
 
 
-def training_hooks(model, cfg: FinetuneConfig, vector: PersonaVector | None):
-    """The steering or ablation handle active during training (None without --steer/--ablate)."""
+def training_edit(model, cfg: FinetuneConfig, vector: PersonaVector | None) -> tuple[str, dict] | None:
+    """What training adds (`("steer", {layer: delta})`) or projects out (`("ablate", {layer: direction})`),
+    checked against the model; None without --steer/--ablate."""
     if vector is None:
         return None
     vector.check_model(model)
     if cfg.ablate:
         layer = vector.check_layer(cfg.layer)
-        return ablate_directions(model, {layer: vector.vectors[layer]})
-    if cfg.steer_layers == "all":
+        edit = ("ablate", {layer: vector.vectors[layer]})
+    elif cfg.steer_layers == "all":
         increments = layer_incremental(vector.vectors)
-        return add_vectors(model, {layer: cfg.coef * increments[layer] for layer in range(1, n_layers(model) + 1)})
-    layer = vector.check_layer(cfg.layer)
-    return add_vectors(model, {layer: vector.delta(layer, cfg.coef, cfg.coef_mode or vector.coef_mode)})
+        edit = ("steer", {layer: cfg.coef * increments[layer] for layer in range(1, n_layers(model) + 1)})
+    else:
+        layer = vector.check_layer(cfg.layer)
+        edit = ("steer", {layer: vector.delta(layer, cfg.coef, cfg.coef_mode or vector.coef_mode)})
+    check_steering(model, edit[1], "all")
+    return edit
+
+
+def training_hooks(model, edit: tuple[str, dict] | None):
+    """The live steering or ablation handle for `training_edit`'s result (None for None)."""
+    if edit is None:
+        return None
+    kind, deltas = edit
+    return ablate_directions(model, deltas) if kind == "ablate" else add_vectors(model, deltas)
 
 
 def masked_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -186,9 +196,7 @@ def run_finetune(cfg: FinetuneConfig, records: list[ChatRecord], model, tokenize
     if (cfg.steer or cfg.ablate) and vector is None:
         raise PersonavecError("--steer/--ablate: the vector was not given")
     base_fingerprint = model_fingerprint(model)
-    hooks_check = training_hooks(model, cfg, vector)  # validates the vector and layer before any work
-    if hooks_check is not None:
-        hooks_check.remove()
+    edit = training_edit(model, cfg, vector)  # a wrong vector or layer fails before any work
     examples, skipped = training_examples(tokenizer, records, cfg.max_length)  # bad data fails before any file
     run = RunDir(out, {**cfg.as_config(), "base_fingerprint": base_fingerprint}, force=force,
                  resume_keys=cfg.resume_keys)
@@ -224,7 +232,7 @@ def run_finetune(cfg: FinetuneConfig, records: list[ChatRecord], model, tokenize
     peft_model.train()
     started = time.perf_counter()
     tokens_seen = 0
-    hooks = training_hooks(peft_model, cfg, vector)
+    hooks = training_hooks(peft_model, edit)
     try:
         with progress_bar("fine-tuning", total=total_steps, enabled=show_progress) as advance:
             advance(step, info=f"resumed at step {step}" if step else "")

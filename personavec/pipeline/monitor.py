@@ -13,13 +13,13 @@ Two entry points:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chat import ChatRecord, user_chat, write_jsonl
 from ..errors import PersonavecError
-from ..report import figure_html, table_html, write_report
-from ..runs import RunDir
+from ..report import figure_html, number, table_html, write_report
+from ..runs import RunDir, config_dict
 from ..traits import Trait
 from ..vecmath import pearson, spearman
 from ..vectors import PersonaVector
@@ -119,13 +119,9 @@ def write_monitor_report(path: Path, title: str, rows: list[dict], summary: dict
         ax.set_xlabel("projection")
         ax.set_ylabel(scores_field)
         c = summary["correlation"]
-        ax.set_title(f"Pearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])}")
+        ax.set_title(f"Pearson r {number(c['pearson'])}, Spearman ρ {number(c['spearman'])}")
         sections.append((f"Projection vs {scores_field}", figure_html(fig, "scatter of projection against score")))
     write_report(path, title, sections)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 # -- the monitoring study --------------------------------------------------------
@@ -149,7 +145,7 @@ class StudyConfig:
     seed: int = 0
 
     def as_config(self) -> dict:
-        return {"command": "monitor-study", **asdict(self)}
+        return config_dict(self, command="monitor-study")
 
 
 def system_prompt_levels(trait: Trait) -> list[tuple[str, object]]:
@@ -267,7 +263,7 @@ def _write_study_report(path: Path, summary: dict, rows: list[dict]) -> None:
     if "pearson" in summary:
         headers += ["trait score mean", "Pearson r within"]
         for row, e in zip(table, per):
-            row += [e.get("trait_score_mean"), _fmt(e.get("pearson_within"))]
+            row += [e.get("trait_score_mean"), number(e.get("pearson_within"))]
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for e in per:
             mine = [r for r in rows if r["condition"] == e["condition"] and r["projection"] is not None]
@@ -275,12 +271,12 @@ def _write_study_report(path: Path, summary: dict, rows: list[dict]) -> None:
                        label=e["condition"])
         ax.set_xlabel("projection at the last prompt token")
         ax.set_ylabel(f"judged {summary['trait']} score")
-        ax.set_title(f"Pearson r {_fmt(summary['pearson'])}, Spearman ρ {_fmt(summary['spearman'])}")
+        ax.set_title(f"Pearson r {number(summary['pearson'])}, Spearman ρ {number(summary['spearman'])}")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         sections.append(("Projection vs judged trait score", figure_html(fig, "scatter of projection against score")))
     sections.insert(1, ("Conditions", table_html(headers, table)
                         + f"<p>Spearman ρ of projection against condition order: "
-                          f"{_fmt(summary['projection_vs_level_spearman'])}</p>"))
+                          f"{number(summary['projection_vs_level_spearman'])}</p>"))
     write_report(path, f"personavec monitor --study {summary['study']}: {summary['trait']} on {summary['model']}",
                  sections)

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import SqliteCache, cache_dir
 from ..chat import ChatRecord, prompt_text, write_jsonl
 from ..errors import PersonavecError
 from ..models import model_fingerprint
-from ..report import figure_html, table_html, write_report
-from ..runs import RunDir
+from ..report import figure_html, number, table_html, write_report
+from ..runs import RunDir, config_dict
 from ..vecmath import auroc
 from ..vectors import PersonaVector
 from .project import distribution, finite, project_chats
@@ -50,7 +50,7 @@ class ScreenConfig:
         return "approx_projection_difference" if self.approx else "projection_difference"
 
     def as_config(self) -> dict:
-        return {"command": "screen", **asdict(self)}
+        return config_dict(self, command="screen")
 
 
 class BaseAnswerCache(SqliteCache):
@@ -238,9 +238,9 @@ def _write_report(path: Path, summary: dict, personas: list[dict], labels: list[
         mean = summary["mean"][score]
         if mean is not None:
             ax.axvline(mean, color="k", ls="--", lw=1)
-        ax.set_xlabel(f"{score} at layer {summary['layer']} (dashed: dataset mean {_fmt(mean)})")
+        ax.set_xlabel(f"{score} at layer {summary['layer']} (dashed: dataset mean {number(mean)})")
         ax.set_ylabel("samples")
-        note = f"<p>AUROC against labels: {_fmt(summary['auroc'][score])}</p>" if labels else ""
+        note = f"<p>AUROC against labels: {number(summary['auroc'][score])}</p>" if labels else ""
         sections.append((score, figure_html(fig, f"histogram of {score}") + note))
     sections.append((f"Ranking by {summary['rank_by']} (highest first)", table_html(
         ["line", "score", "prompt", "answer"], [[t["line"], t["score"], t["prompt"], t["answer"]] for t in summary["top"]])))
@@ -248,7 +248,3 @@ def _write_report(path: Path, summary: dict, personas: list[dict], labels: list[
         f = summary["filtered"]
         sections.append(("Filtered dataset", f"<p>{f['kept']} of {f['of']} kept ({f['rule']}): <code>{f['path']}</code></p>"))
     write_report(path, f"personavec screen: {summary['trait'] or 'vector'} on {cfg.data}", sections)
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from ..chat import user_chat, write_jsonl
 from ..errors import PersonavecError
 from ..models import load_model, model_fingerprint, resolve
 from ..report import figure_html, table_html, write_report
-from ..runs import RunDir
+from ..runs import RunDir, config_dict
 from ..traits import Trait
 from ..vecmath import cosine, layerwise_projection
 from ..vectors import PersonaVector
@@ -52,9 +52,7 @@ class ShiftConfig:
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
-        data = asdict(self)
-        data.pop("resume_keys")
-        return {"command": "shift", **data}
+        return config_dict(self, command="shift")
 
 
 @dataclass
