@@ -211,7 +211,8 @@ def _engine_capture(engine, chats, encoded, layers, positions, skipped, batch_si
     with_response = "response_avg" in positions
     results = {p: torch.zeros(len(chats), len(layers), engine.hidden_size) for p in positions}
     token_norm = torch.zeros(len(chats), len(layers))
-    keep = [i for i in range(len(chats)) if i not in set(skipped)]
+    skipped_set = set(skipped)
+    keep = [i for i in range(len(chats)) if i not in skipped_set]
     chunk = max(64, 4 * batch_size)
     with progress_bar("activations (vllm)", total=len(keep), enabled=show_progress) as advance:
         for start in range(0, len(keep), chunk):

@@ -107,7 +107,8 @@ def screen_records(model, tokenizer, records: list[ChatRecord], vector: PersonaV
     difference = [math.nan] * len(records)
     answers: list[str] = []
     if not cfg.approx:
-        scored = [i for i in range(len(records)) if i not in set(data.skipped)]
+        skipped = set(data.skipped)
+        scored = [i for i in range(len(records)) if i not in skipped]
         answers_scored = base_answers(model, tokenizer, [records[i].prompt for i in scored], cfg.max_new_tokens,
                                       cfg.batch_size, cache, show_progress)
         answers = [""] * len(records)
