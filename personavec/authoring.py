@@ -124,7 +124,7 @@ class _APIAuthor(AuthorBackend):
     identity = ""
 
     def _error(self, exc: Exception) -> PersonavecError:
-        from .judge import redact
+        from .judge.openai_compatible import redact
 
         status = getattr(exc, "status_code", None)
         text = str(getattr(exc, "message", None) or exc)
@@ -147,7 +147,7 @@ class OpenAIAuthor(_APIAuthor):
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, max_retries: int = 5, concurrency: int = 4):
-        from .judge import openai_client
+        from .judge.openai_compatible import openai_client
 
         self.model, self.spec, self.concurrency = model, f"openai:{model}", concurrency
         self.client, self._secret, self.identity = openai_client("author", base_url, api_key, timeout, max_retries)

@@ -1,0 +1,68 @@
+"""Judges: score an answer 0-100 for a trait and for coherence, from a judge LLM's logprobs.
+
+A judge reads a rubric prompt (the trait's, or the shared coherence rubric) and
+answers with a number; its score is the expected number under the judge's
+probabilities p(k), k = 0..100 (``scoring``), and every call is cached
+(``base``). One spec string picks the backend everywhere:
+
+- ``local:<model>``  a transformers model on this machine (packaged short name, hub id or folder);
+- ``openai:<model>`` any OpenAI-compatible server, via ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``
+  (vLLM, llama.cpp server, Ollama, OpenAI);
+- ``none``           no judge (:func:`make_judge` returns ``None``).
+
+``anthropic:<model>`` is an author spec only (:mod:`personavec.authoring`); judges
+need token logprobs, and :func:`parse_spec` rejects it.
+
+Modules: ``scoring`` (prompts and the pure 0-100 math), ``base`` (spec, cache,
+``Judge``), ``local`` (``LocalJudge``: exact p(k) from a trie of number tokens),
+``openai_compatible`` (``OpenAIJudge``: p(k) from top_logprobs). Each module's
+docstring gives its part of the scheme.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .base import DEFAULT_LOCAL_JUDGE, Judge, JudgeCache, JudgeSpec, default_cache_path, parse_spec
+from .local import LocalJudge
+from .openai_compatible import OpenAIJudge, openai_client, redact
+from .scoring import (COHERENCE_RUBRIC, MIN_MASS, NUMBERS, SCHEME, coherence_prompt, enumerate_digit_probs,
+                      expected_score, fill_rubric, final_score, score_from_probs)
+
+__all__ = [
+    "COHERENCE_RUBRIC", "DEFAULT_LOCAL_JUDGE", "MIN_MASS", "NUMBERS", "SCHEME", "Judge", "JudgeCache", "JudgeSpec",
+    "LocalJudge", "OpenAIJudge", "coherence_prompt", "default_cache_path", "enumerate_digit_probs",
+    "expected_score", "fill_rubric", "final_score", "judge_answers", "make_judge", "openai_client", "parse_spec",
+    "redact", "score_from_probs",
+]
+
+
+def make_judge(spec: str, cache: JudgeCache | str | Path | None = None, *, dtype: str = "auto",
+               trust_remote_code: bool = False, batch_size: int = 8, concurrency: int = 8,
+               timeout: float = 60.0, max_retries: int = 5) -> Judge | None:
+    """Build the judge a spec names; ``none`` gives None."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "none":
+        return None
+    if parsed.kind == "openai":
+        return OpenAIJudge(parsed.model, cache, concurrency=concurrency, timeout=timeout, max_retries=max_retries)
+    from ..models import load_model
+
+    model, tokenizer = load_model(parsed.model, dtype=dtype, trust_remote_code=trust_remote_code)
+    return LocalJudge(model, tokenizer, spec=str(parsed), cache=cache, batch_size=batch_size)
+
+
+def judge_answers(judge: Judge, trait, items: Sequence[tuple[str, str]], coherence: bool = True,
+                  progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Score (question, answer) pairs: ``[{"trait_score": float|None, "coherence": float|None}]``.
+
+    `trait` is a :class:`personavec.traits.Trait` (its rubric) or None for coherence only.
+    `progress(n)` is called as judge calls finish (2 per item with coherence).
+    """
+    trait_prompts = [trait.rubric_prompt(q, a) for q, a in items] if trait is not None else []
+    coherence_prompts = [coherence_prompt(q, a) for q, a in items] if coherence else []
+    scores = judge.score(trait_prompts + coherence_prompts, progress=progress)
+    t_scores = scores[: len(trait_prompts)] or [None] * len(items)
+    c_scores = scores[len(trait_prompts):] or [None] * len(items)
+    return [{"trait_score": t, "coherence": c} for t, c in zip(t_scores, c_scores)]
