@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from personavec.cli_judge import register
+from personavec.cli.judge import register
 from personavec.errors import PersonavecError
 from tiny import save_tiny
 

@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from personavec.cli_traits import register
+from personavec.cli.traits import register
 from personavec.errors import PersonavecError
 from personavec.traits import Trait, list_traits, load_trait, validate_trait
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import PersonavecError
+from ..errors import PersonavecError
+from .common import load_engine_model, log
 
 VECTOR_HELP = ".safetensors vector file (or .gguf / .pt)"
 LAYER_HELP = "layer to read (default: the layer recorded in the vector file)"
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _record_dir(output: Path, out: Optional[Path]) -> Path:
@@ -24,21 +20,21 @@ def _record_dir(output: Path, out: Optional[Path]) -> Path:
 
 
 def _fmt(x, spec: str = ".3f") -> str:
-    from .report import number
+    from ..report import number
 
     return number(x, spec, missing="-")
 
 
 def _print_distribution(title: str, dist: dict) -> None:
     if not dist.get("n"):
-        _log(f"{title}: no scored lines")
+        log(f"{title}: no scored lines")
         return
-    _log(f"{title}: n {dist['n']}, mean {dist['mean']:.3f} ± {dist['std']:.3f}, min {dist['min']:.3f}, "
-         f"p10 {dist['p10']:.3f}, median {dist['median']:.3f}, p90 {dist['p90']:.3f}, max {dist['max']:.3f}")
+    log(f"{title}: n {dist['n']}, mean {dist['mean']:.3f} ± {dist['std']:.3f}, min {dist['min']:.3f}, "
+        f"p10 {dist['p10']:.3f}, median {dist['median']:.3f}, p90 {dist['p90']:.3f}, max {dist['max']:.3f}")
 
 
 def _trait_for(vector, trait_name: Optional[str]):
-    from .traits import load_trait
+    from ..traits import load_trait
 
     name = trait_name or vector.trait
     if not name:
@@ -72,8 +68,7 @@ def monitor_cmd(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
 ) -> None:
     """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
-    from .models import load_for_engine
-    from .vectors import PersonaVector
+    from ..vectors import PersonaVector
 
     vector = PersonaVector.load(vector_path)
     if study is not None:
@@ -81,16 +76,16 @@ def monitor_cmd(
                       max_new_tokens, out, batch_size, dtype, force, engine, tensor_parallel_size)
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
-    from .chat import read_chats, write_jsonl
-    from .pipeline.monitor import monitor_chats, monitor_summary, numeric_field, write_monitor_report
-    from .runs import RunDir
+    from ..chat import read_chats, write_jsonl
+    from ..pipeline.monitor import monitor_chats, monitor_summary, numeric_field, write_monitor_report
+    from ..runs import RunDir
 
     records = read_chats(input_path)
     score_values = [numeric_field(r, scores) for r in records] if scores else None
     run = RunDir.replace(_record_dir(output, out), {
         "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
         "layer": vector.check_layer(layer), "position": position, "threshold": threshold, "scores": scores})
-    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
     rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
     write_jsonl(output, rows)
     summary = monitor_summary(rows, top_k, threshold, score_values)
@@ -100,20 +95,19 @@ def monitor_cmd(
                          rows, summary, score_values, scores)
     _print_distribution(f"projection at layer {summary['layer']}", summary["projection"])
     for t in summary["top"]:
-        _log(f"  line {t['line']:>5}  {t['projection']:+.3f}  {t['prompt']}")
+        log(f"  line {t['line']:>5}  {t['projection']:+.3f}  {t['prompt']}")
     if threshold is not None:
-        _log(f"{summary['flagged']} of {summary['n']} lines above {threshold:g}")
+        log(f"{summary['flagged']} of {summary['n']} lines above {threshold:g}")
     if scores:
         c = summary["correlation"]
-        _log(f"projection vs {scores}: Pearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])} (n {c['n']})")
+        log(f"projection vs {scores}: Pearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])} (n {c['n']})")
     print(f"wrote {output}\nreport: {run.file('report.html')}")
 
 
 def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions, max_new_tokens, out,
            batch_size, dtype, force, engine, tensor_parallel_size) -> None:
-    from .judge import make_judge
-    from .models import load_for_engine
-    from .pipeline.monitor import STUDIES, StudyConfig, run_study
+    from ..judge import make_judge
+    from ..pipeline.monitor import STUDIES, StudyConfig, run_study
 
     if study not in STUDIES:
         raise PersonavecError(f"--study {study!r}: use {' or '.join(STUDIES)}")
@@ -129,16 +123,16 @@ def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, sho
     cfg = StudyConfig(study=study, model=model, trait=trait.name, vector=str(vector_path), judge=judge_spec,
                       layer=layer, questions=questions, shots=shot_counts, max_new_tokens=max_new_tokens,
                       batch_size=batch_size)
-    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
     summary = run_study(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
     for e in summary["per_condition"]:
         extra = f"  trait {e['trait_score_mean']:.1f}  r within {_fmt(e.get('pearson_within'), '+.2f')}" \
             if e.get("trait_score_mean") is not None else ""
-        _log(f"  {e['condition']:<16} projection {_fmt(e['projection'].get('mean'), '+.3f')}{extra}")
-    _log(f"projection rises with condition order: Spearman ρ {_fmt(summary['projection_vs_level_spearman'], '.2f')}")
+        log(f"  {e['condition']:<16} projection {_fmt(e['projection'].get('mean'), '+.3f')}{extra}")
+    log(f"projection rises with condition order: Spearman ρ {_fmt(summary['projection_vs_level_spearman'], '.2f')}")
     if "pearson" in summary:
-        _log(f"projection vs judged score: Pearson r {_fmt(summary['pearson'], '.2f')}, "
-             f"Spearman ρ {_fmt(summary['spearman'], '.2f')}")
+        log(f"projection vs judged score: Pearson r {_fmt(summary['pearson'], '.2f')}, "
+            f"Spearman ρ {_fmt(summary['spearman'], '.2f')}")
     print(f"report: {Path(out) / 'report.html'}")
 
 
@@ -163,10 +157,9 @@ def screen_cmd(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
 ) -> None:
     """Score training data by projection difference (the paper's ΔP) to find samples that push a trait."""
-    from .chat import read_chats
-    from .models import load_for_engine
-    from .pipeline.screen import ScreenConfig, run_screen
-    from .vectors import PersonaVector
+    from ..chat import read_chats
+    from ..pipeline.screen import ScreenConfig, run_screen
+    from ..vectors import PersonaVector
 
     if drop_top is not None and keep_below is not None:
         raise PersonavecError("use either --drop-top or --keep-below, not both")
@@ -174,21 +167,21 @@ def screen_cmd(
     records = read_chats(data, require_response=True)
     cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    lm, tokenizer = load_for_engine(model, engine, dtype, tensor_parallel_size)
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
     s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
                    keep_below, top_k)
     for name, dist in s["distribution"].items():
         _print_distribution(f"{name} at layer {s['layer']}", dist)
-    _log(f"dataset mean {s['rank_by']}: {_fmt(s['mean'][s['rank_by']])}")
+    log(f"dataset mean {s['rank_by']}: {_fmt(s['mean'][s['rank_by']])}")
     if s["skipped"]:
-        _log(f"{s['skipped']} lines longer than the context limit were not scored")
+        log(f"{s['skipped']} lines longer than the context limit were not scored")
     for t in s["top"]:
-        _log(f"  line {t['line']:>5}  {t['score']:+.3f}  {t['answer'][:80]}")
+        log(f"  line {t['line']:>5}  {t['score']:+.3f}  {t['answer'][:80]}")
     if labels:
-        _log("AUROC against " + labels + ": " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in s["auroc"].items()))
+        log("AUROC against " + labels + ": " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in s["auroc"].items()))
     if "filtered" in s:
         f = s["filtered"]
-        _log(f"kept {f['kept']} of {f['of']} ({f['rule']}) -> {f['path']}")
+        log(f"kept {f['kept']} of {f['of']} ({f['rule']}) -> {f['path']}")
     print(f"wrote {output}\nreport: {_record_dir(output, out) / 'report.html'}")
 
 
@@ -210,10 +203,10 @@ def shift_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf only: shift holds two models at once"),
 ) -> None:
     """How far fine-tuning moved a model along the persona vector (and, with a judge, its trait score)."""
-    from .judge import make_judge
-    from .models import load_model
-    from .pipeline.shift import ShiftConfig, run_shift
-    from .vectors import PersonaVector
+    from ..judge import make_judge
+    from ..models import load_model
+    from ..pipeline.shift import ShiftConfig, run_shift
+    from ..vectors import PersonaVector
 
     if engine != "hf":
         raise PersonavecError(f"--engine {engine}: shift compares two models (or a base and its adapter) side by side; "
@@ -228,11 +221,11 @@ def shift_cmd(
     lm, tokenizer = load_model(base, dtype=dtype)
     s = run_shift(cfg, trait, vector, lm, tokenizer, judge, out, force=force, dtype=dtype)
     for position, value in s["shift"].items():
-        _log(f"{position} shift along {trait.name} at layer {s['layer']}: {value:+.3f} (cosine {s['cosine'][position]:+.3f})")
+        log(f"{position} shift along {trait.name} at layer {s['layer']}: {value:+.3f} (cosine {s['cosine'][position]:+.3f})")
     if "scores" in s:
         b, f = s["scores"]["base"]["trait"], s["scores"]["finetuned"]["trait"]
-        _log(f"judged {trait.name} score: base {_fmt(b, '.1f')} -> finetuned {_fmt(f, '.1f')} "
-             f"(change {_fmt(s['trait_score_change'], '+.1f')})")
+        log(f"judged {trait.name} score: base {_fmt(b, '.1f')} -> finetuned {_fmt(f, '.1f')} "
+            f"(change {_fmt(s['trait_score_change'], '+.1f')})")
     print(f"report: {Path(out) / 'report.html'}")
 
 

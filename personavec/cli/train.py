@@ -8,11 +8,8 @@ from typing import Optional
 
 import typer
 
-from .pipeline.finetune import DEFAULT_TARGETS
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from ..pipeline.finetune import DEFAULT_TARGETS
+from .common import log
 
 
 def finetune_cmd(
@@ -41,10 +38,10 @@ def finetune_cmd(
     force: bool = typer.Option(False, "--force", help="overwrite a folder that holds a different run"),
 ) -> None:
     """LoRA fine-tuning, optionally with preventative steering (--steer) or CAFT (--ablate)."""
-    from .chat import read_chats
-    from .models import load_model
-    from .pipeline.finetune import FinetuneConfig, run_finetune
-    from .vectors import PersonaVector
+    from ..chat import read_chats
+    from ..models import load_model
+    from ..pipeline.finetune import FinetuneConfig, run_finetune
+    from ..vectors import PersonaVector
 
     cfg = FinetuneConfig(model=model, data=str(data), rank=rank, alpha=alpha, dropout=dropout,
                          target_modules=target_modules, learning_rate=learning_rate, epochs=epochs,
@@ -58,8 +55,8 @@ def finetune_cmd(
     lm, tokenizer = load_model(model, dtype=dtype)
     result = run_finetune(cfg, records, lm, tokenizer, out, vector=vector, force=force)
     s = result.summary
-    _log(f"trained {s['steps']} steps on {s['examples']} chats: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} "
-         f"({s['tokens_per_second']:.0f} tokens/s)")
+    log(f"trained {s['steps']} steps on {s['examples']} chats: loss {s['first_loss']:.3f} -> {s['final_loss']:.3f} "
+        f"({s['tokens_per_second']:.0f} tokens/s)")
     print(f"adapter: {result.adapter}\nreport: {result.out / 'report.html'}")
 
 
@@ -80,10 +77,10 @@ def gate_cmd(
     force: bool = typer.Option(False, "--force"),
 ) -> None:
     """Fail (exit 1) when a candidate's persona moved past a limit; one line per failing trait."""
-    from .judge import make_judge
-    from .models import load_model
-    from .pipeline.gate import GateLimits, run_gate
-    from .pipeline.shift import attach_adapter, is_adapter
+    from ..judge import make_judge
+    from ..models import load_model
+    from ..pipeline.gate import GateLimits, run_gate
+    from ..pipeline.shift import attach_adapter, is_adapter
 
     limits = GateLimits(max_shift=max_shift, max_score_increase=max_score_increase)
     limits.check(judge_spec != "none")
@@ -98,14 +95,14 @@ def gate_cmd(
                        judge_spec, out, questions=questions, batch_size=batch_size, force=force)
     for r in verdict["traits"]:
         change = "" if r["trait_score_change"] is None else f", judged score {r['trait_score_change']:+.1f}"
-        _log(f"  {'pass' if r['passed'] else 'FAIL'}  {r['trait']}: shift {r['relative_shift']:+.3f} of the vector's "
-             f"length at layer {r['layer']}{change}")
+        log(f"  {'pass' if r['passed'] else 'FAIL'}  {r['trait']}: shift {r['relative_shift']:+.3f} of the vector's "
+            f"length at layer {r['layer']}{change}")
     print(f"report: {Path(out) / 'report.html'}")
     if not verdict["passed"]:
         for reason in verdict["failures"]:
             print(f"gate failed: {reason}", file=sys.stderr)
         raise typer.Exit(1)
-    _log("gate passed")
+    log("gate passed")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from .errors import PersonavecError
-from .judge import DEFAULT_LOCAL_JUDGE
+from ..errors import PersonavecError
+from ..judge import DEFAULT_LOCAL_JUDGE
 
 JUDGE_HELP = "local:<model> (short name, hub id or folder), openai:<model> (OPENAI_BASE_URL/OPENAI_API_KEY) or none."
 
@@ -23,7 +23,7 @@ def _question(record) -> str:
 
 
 def _open_judge(spec: str, cache: Optional[Path], batch_size: int, concurrency: int, dtype: str):
-    from .judge import make_judge
+    from ..judge import make_judge
 
     judge = make_judge(spec, cache, dtype=dtype, batch_size=batch_size, concurrency=concurrency)
     if judge is None:
@@ -42,10 +42,10 @@ def judge_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 (local judge)."),
 ) -> None:
     """Score each chat's last answer for a trait and for coherence (0-100, or null when the judge cannot)."""
-    from .chat import read_chats, write_jsonl
-    from .judge import judge_answers
-    from .progress import progress_bar
-    from .traits import load_trait
+    from ..chat import read_chats, write_jsonl
+    from ..judge import judge_answers
+    from ..progress import progress_bar
+    from ..traits import load_trait
 
     trait_obj = load_trait(trait)
     records = read_chats(input, require_response=True)
@@ -77,8 +77,8 @@ def judge_check_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from .calibration import MIN_AUROC, calibrate, calibration_items, write_calibration
-    from .progress import progress_bar
+    from ..calibration import MIN_AUROC, calibrate, calibration_items, write_calibration
+    from ..progress import progress_bar
 
     names = [t.strip() for t in traits.split(",") if t.strip()] if traits else None
     n_items = len(calibration_items(names))  # checks the trait names before a model is loaded

@@ -1,0 +1,132 @@
+"""`personavec vector`, `steer` and `export`: make a vector from your own chats, steer with it, convert it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import PersonavecError
+from .common import load_engine_model, log
+
+
+def vector_cmd(
+    model: str = typer.Option(..., "--model", help="packaged short name, hub id or local folder"),
+    pos: Path = typer.Option(..., "--pos", help="chat JSONL showing the trait"),
+    neg: Path = typer.Option(..., "--neg", help="chat JSONL not showing it"),
+    out: Path = typer.Option(..., "--out", help="output .safetensors"),
+    position: str = typer.Option("response_avg", "--position", help="response_avg | prompt_avg | prompt_last"),
+    trait: str = typer.Option("", "--trait", help="trait name recorded in the file"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the CPU/GPU supports it) | bf16 | fp32"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """A persona vector from your own contrastive chats (no generation, no judge)."""
+    from ..models import load_model
+    from ..pipeline.contrast import contrastive_vector, read_contrast_files
+
+    pos_records, neg_records = read_contrast_files(str(pos), str(neg), position)
+    lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    vector, _ = contrastive_vector(lm, tokenizer, [r.messages for r in pos_records], [r.messages for r in neg_records],
+                                   position=position, trait=trait, batch_size=batch_size)
+    vector.model = model
+    vector.save(out)
+    log(f"wrote {out}: {vector.n_layers + 1} layers x {vector.hidden}, {vector.n_pos} pos / {vector.n_neg} neg, "
+        f"recommended layer {vector.layer}")
+
+
+def steer_cmd(
+    model: str = typer.Option(..., "--model"),
+    vector_path: Path = typer.Option(..., "--vector", help=".safetensors (or .gguf / .pt) vector file"),
+    coef: float = typer.Option(..., "--coef", help="steering strength; negative suppresses the trait"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="default: the layer recorded in the vector file"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="one user message; prints only the answer"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message for --prompt / interactive chat"),
+    input_path: Optional[Path] = typer.Option(None, "--input", help="chat JSONL to answer (the chats are the prompts)"),
+    output_path: Optional[Path] = typer.Option(None, "--output", help="where --input answers go"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    coef_mode: Optional[str] = typer.Option(None, "--coef-mode", help="raw: coef * v[L]; norm: coef * typical activation "
+                                            "norm along v (default: the mode recorded in the vector file)"),
+    positions: str = typer.Option("all", "--position", help="all | prompt | response"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
+) -> None:
+    """Answer with a persona vector added at one layer."""
+    from ..chat import read_chats, user_chat, write_jsonl
+    from ..generate import generate
+    from ..vectors import PersonaVector
+
+    if (input_path is None) != (output_path is None):
+        raise PersonavecError("--input and --output go together")
+    if prompt is not None and input_path is not None:
+        raise PersonavecError("use either --prompt or --input, not both")
+    vector = PersonaVector.load(vector_path)
+    records = read_chats(input_path) if input_path else None
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size, trust_remote_code)
+    layer = vector.check_layer(layer)
+    coef_mode = coef_mode or vector.coef_mode
+    handle = vector.apply(lm, layer=layer, coef=coef, positions=positions, coef_mode=coef_mode)
+    log(f"steering {vector.trait or 'vector'} at layer {layer}, coef {coef} ({coef_mode})")
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+    with handle:
+        if prompt is not None:
+            print(generate(lm, tokenizer, [user_chat(prompt, system)], show_progress=False, **kwargs)[0])
+        elif records is not None:
+            answers = generate(lm, tokenizer, [r.prompt for r in records], **kwargs)
+            steer_info = {"trait": vector.trait, "layer": layer, "coef": coef, "coef_mode": coef_mode}
+            write_jsonl(output_path, ({**r.fields, "messages": r.prompt + [{"role": "assistant", "content": a}],
+                                       "steering": steer_info} for r, a in zip(records, answers)))
+            log(f"wrote {len(answers)} answers to {output_path}")
+        else:
+            _interactive(lm, tokenizer, system, kwargs)
+
+
+def _interactive(lm, tokenizer, system, kwargs) -> None:
+    from ..generate import generate
+
+    messages = [{"role": "system", "content": system}] if system else []
+    log("interactive chat; an empty line or Ctrl-D ends it")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        answer = generate(lm, tokenizer, [messages], show_progress=False, **kwargs)[0]
+        messages.append({"role": "assistant", "content": answer})
+        print(f"model> {answer}", flush=True)
+
+
+def export_cmd(
+    vector_path: Path = typer.Option(..., "--vector"),
+    fmt: str = typer.Option(..., "--format", help="gguf (llama.cpp control vector) | pt (the paper's layout)"),
+    out: Path = typer.Option(..., "--out"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="gguf: export only this layer (default: all of 2..n)"),
+    position: str = typer.Option("response_avg", "--position"),
+) -> None:
+    """Convert a vector file for llama.cpp (GGUF) or for the paper's scripts (.pt)."""
+    from ..vectors import PersonaVector, llama_cpp_index
+
+    vector = PersonaVector.load(vector_path)
+    if fmt == "gguf":
+        vector.export_gguf(out, layers=None if layer is None else [layer], position=position)
+        hint = f" (llama.cpp: --control-vector-scaled {out} COEF --control-vector-layer-range {llama_cpp_index(layer)} {llama_cpp_index(layer)})" if layer else ""
+        log(f"wrote {out}{hint}")
+    elif fmt == "pt":
+        vector.export_pt(out, position=position)
+        log(f"wrote {out}")
+    else:
+        raise PersonavecError(f"--format {fmt!r}: use gguf or pt")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("vector")(vector_cmd)
+    app.command("steer")(steer_cmd)
+    app.command("export")(export_cmd)
