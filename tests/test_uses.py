@@ -450,7 +450,7 @@ def test_shift_command_with_an_adapter(cli_setup, tmp_path, capsys):
 def test_engine_flag_errors_are_one_line(cli_setup, tmp_path, capsys):
     from test_cli import run_cli
 
-    from personavec.vllm_engine import vllm_available
+    from personavec.backends.vllm import vllm_available
 
     folder, vector_path, data = cli_setup
     base = ["screen", "--model", folder, "--vector", vector_path, "--data", data, "--output", tmp_path / "o.jsonl"]
@@ -478,13 +478,13 @@ def test_folder_fingerprint_equals_the_loaded_models(tiny_folder):
 
 
 def test_engine_steering_handles_nest_and_steerings_key_exactly():
-    """Without vLLM: the engine-side bookkeeping that `add_vectors` and `generate_each` rely on."""
-    from types import SimpleNamespace
-
+    """Without vLLM: the engine-side bookkeeping that `add_vectors` and per-chat steerings rely on."""
+    from personavec.backends.base import Steering
+    from personavec.backends.vllm import VllmBackend
     from personavec.steering import add_vectors
-    from personavec.vllm_engine import Steering
 
-    engine = SimpleNamespace(personavec_engine="vllm", n_blocks=3, active=[])
+    engine = object.__new__(VllmBackend)  # no vLLM here: only the handle bookkeeping is exercised
+    engine.n_blocks, engine.active = 3, []
     with add_vectors(engine, {1: torch.ones(4)}) as outer:
         with add_vectors(engine, {2: torch.ones(4)}) as inner:
             assert engine.active == [outer.steering, inner.steering]

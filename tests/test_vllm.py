@@ -5,7 +5,7 @@ One engine per module: vLLM takes seconds to start and holds its memory.
 
 import pytest
 
-from personavec.vllm_engine import vllm_available
+from personavec.backends.vllm import vllm_available
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model,
               pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (make setup-vllm / make test-vllm)")]
@@ -20,12 +20,12 @@ TOKENS = 24
 def engines():
     from personavec.models import load_model
     from personavec.pipeline.contrast import builtin_contrast, contrastive_vector
-    from personavec.vllm_engine import VllmEngine
+    from personavec.backends.vllm import VllmBackend
 
     model, tok = load_model("smollm2-135m", dtype="bf16")
     pos, neg = builtin_contrast()
     vector, _ = contrastive_vector(model, tok, pos, neg, trait="optimistic", show_progress=False)
-    engine = VllmEngine("smollm2-135m", dtype="bf16", max_model_len=1024)
+    engine = VllmBackend("smollm2-135m", dtype="bf16", max_model_len=1024)
     return model, tok, engine, vector
 
 

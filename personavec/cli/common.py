@@ -11,7 +11,9 @@ def log(message: str) -> None:
 
 def load_engine_model(model: str, engine: str, dtype: str = "auto", tensor_parallel_size: int = 1,
                       trust_remote_code: bool = False):
-    """`(model, tokenizer)` for `--engine`: every command that takes `--engine` loads its model here."""
-    from ..models import load_for_engine
+    """`(backend, tokenizer)` for `--engine`: every command that takes `--engine` loads its model here. The backend
+    goes wherever the library takes a model."""
+    from ..backends import load_backend
 
-    return load_for_engine(model, engine, dtype, tensor_parallel_size, trust_remote_code)
+    backend = load_backend(model, engine, dtype, tensor_parallel_size, trust_remote_code)
+    return backend, backend.tokenizer

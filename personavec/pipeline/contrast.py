@@ -14,7 +14,7 @@ from ..activations import capture
 from ..chat import ChatRecord, read_chats, user_chat, write_jsonl
 from ..errors import PersonavecError
 from ..generate import generate
-from ..models import n_layers
+from ..backends import as_backend
 from ..report import figure_html, layer_plot, table_html, write_report
 from ..runs import RunDir
 from ..vecmath import project, separation
@@ -49,7 +49,7 @@ def contrastive_vector(model, tokenizer, pos: list[list[dict]], neg: list[list[d
     if position != "response_avg":
         vector.vectors, vector.position = vector.at(position), position
     seps = separation_by_layer(vector, pos_acts, neg_acts, position)
-    candidates = middle_layers(n_layers(model))
+    candidates = middle_layers(as_backend(model).n_layers)
     vector.layer = max(candidates, key=lambda layer: seps[layer])
     vector.extra["layer_method"] = "max pos/neg separation (Cohen's d) over the middle half of the layers"
     return vector, seps

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..chat import prompt_text, user_chat, write_jsonl
+from ..backends import transformers_model
 from ..models import decoder_stack
 from ..runs import RunDir, config_dict
 from ..traits import Trait
@@ -55,6 +56,7 @@ def mc_prompt(item: dict) -> list[dict]:
 @torch.no_grad()
 def mc_accuracy(model, tokenizer, items: list[dict], batch_size: int = 16) -> float:
     """Accuracy of the most probable answer letter at the first answer token (right padding, no generation)."""
+    model = transformers_model(model, "capability scoring (next-token logits)")
     letter_ids = [tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in LETTERS]
     device = next(model.parameters()).device
     correct = 0

@@ -24,7 +24,7 @@ import torch
 from ..activations import capture
 from ..chat import user_chat, write_jsonl
 from ..errors import PersonavecError
-from ..models import n_layers
+from ..backends import as_backend
 from ..progress import progress_bar
 from ..runs import RunDir, config_dict
 from ..traits import Trait
@@ -228,7 +228,7 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
     vector = PersonaVector.from_activations(pos_acts, neg_acts, model=model, trait=trait.name, counts=counts)
     vector.model = cfg.model
     separations = separation_by_layer(vector, pos_acts, neg_acts)
-    total = n_layers(model)
+    total = as_backend(model).n_layers
     candidates = cfg.candidate_layers or default_candidates(total)
     for layer in candidates:
         vector.check_layer(layer)

@@ -156,7 +156,7 @@ def training_edit(model, cfg: FinetuneConfig, vector: PersonaVector | None) -> t
     else:
         layer = vector.check_layer(cfg.layer)
         edit = ("steer", {layer: vector.delta(layer, cfg.coef, cfg.coef_mode or vector.coef_mode)})
-    check_steering(model, edit[1], "all")
+    check_steering(n_layers(model), edit[1], "all")
     return edit
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..activations import capture
+from ..backends import as_backend
 from ..vecmath import project
 from ..vectors import PersonaVector
 
@@ -44,7 +45,7 @@ def project_chats(model, tokenizer, chats: list[list[dict]], vector: PersonaVect
             scores[acts.skipped] = math.nan
         values[position] = scores.tolist()
     if acts.skipped:
-        limit = max_length or getattr(model.config, "max_position_embeddings", None)
+        limit = max_length or as_backend(model).context_length
         warnings.warn(f"skipped {len(acts.skipped)} of {len(chats)} {label} longer than {limit} tokens "
                       f"(first: #{acts.skipped[0] + 1}); they get no score", stacklevel=2)
     return ChatProjections(layer=layer, values=values, skipped=list(acts.skipped))

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..cache import SqliteCache, cache_dir
 from ..chat import ChatRecord, prompt_text, write_jsonl
 from ..errors import PersonavecError
-from ..models import model_fingerprint
+from ..backends import as_backend
 from ..report import figure_html, number, table_html, write_report
 from ..runs import RunDir, config_dict
 from ..vecmath import auroc
@@ -66,7 +66,7 @@ def base_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
     from ..generate import generate
 
     cache = BaseAnswerCache() if cache is None else cache  # an empty cache is falsy (it has __len__)
-    fingerprint = model_fingerprint(model)
+    fingerprint = as_backend(model).fingerprint()
     keys = [cache.key(fingerprint, str(max_new_tokens), prompt_text(tokenizer, p)) for p in prompts]
     answers = [(cache.get(k) or {}).get("answer") for k in keys]
     first_missing: dict[str, int] = {}  # a prompt repeated in the data is generated once

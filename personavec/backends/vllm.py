@@ -1,8 +1,6 @@
-"""The optional vLLM engine: generation with per-request steering, and activation capture.
+"""The optional vLLM backend: generation with per-request steering, and activation capture.
 
-`VllmEngine` stands in for a transformers model wherever personavec generates
-or reads activations (`generate.generate`, `activations.capture`, `vector.apply`,
-`steering.add_vectors`), with the same meaning:
+`VllmBackend` keeps the `Backend` contract of `base.py`, with the same meaning as transformers:
 
 - layer L = 0 is the embedding output and L = i the residual stream after block i
   (vLLM's decoder layers return `(hidden, residual)`; the stream is their sum);
@@ -24,13 +22,17 @@ steered states between requests); the engine sets all three and checks them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .cache import cache_dir
-from .errors import PersonavecError
+from ..cache import cache_dir
+from ..chat import encode_chat, prompt_text
+from ..errors import PersonavecError
+from ..models import folder_fingerprint, resolve, resolve_dtype
+from ..progress import progress_bar
+from .base import (POSITIONS, Activations, Backend, Steering, check_layers, check_positions, check_steering,
+                   encode_for_capture)
 
 EXTRA_KEY = "personavec"
 INSTALL_HINT = ("--engine vllm needs vLLM: `pip install 'personavec[vllm]'` on a GPU machine, or `make setup-vllm` "
@@ -62,21 +64,6 @@ def _set_environment() -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     os.makedirs(os.environ["VLLM_RPC_BASE_PATH"], exist_ok=True)
-
-
-@dataclass(eq=False)  # compared by identity: equality over dicts of tensors is ambiguous
-class Steering:
-    """What one request adds: `deltas[L]` at layer L, on `positions` (all | prompt | response)."""
-
-    deltas: dict[int, torch.Tensor]
-    positions: str = "all"
-
-    def key(self) -> tuple:
-        """Equal exactly when two steerings add the same values: requests that share it share one table row."""
-        import hashlib
-
-        return (self.positions,) + tuple((layer, hashlib.sha1(d.float().contiguous().numpy().tobytes()).hexdigest())
-                                         for layer, d in sorted(self.deltas.items()))
 
 
 class WorkerExtension:
@@ -271,14 +258,14 @@ def _find_norm(model):
     return getattr(inner, "norm", None)
 
 
-class VllmEngine:
-    """A vLLM `LLM` set up for steering and capture. Pass it where personavec takes a model."""
+class VllmBackend(Backend):
+    """A vLLM `LLM` set up for steering and capture."""
 
-    personavec_engine = "vllm"
+    engine = "vllm"
 
     def __init__(self, spec: str, dtype: str = "auto", max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, seed: int = 0, gpu_memory_utilization: float | None = None,
-                 **llm_kwargs):
+                 trust_remote_code: bool = False, **llm_kwargs):
         if not vllm_available():
             raise PersonavecError(INSTALL_HINT)
         _set_environment()
@@ -287,12 +274,11 @@ class VllmEngine:
         from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
 
-        from .models import resolve
-
         self.spec, self.path = spec, resolve(spec)
         kwargs = dict(model=self.path, enforce_eager=True, enable_prefix_caching=False, seed=seed,
                       tensor_parallel_size=tensor_parallel_size, dtype=_vllm_dtype(dtype),
-                      worker_extension_cls="personavec.vllm_engine.WorkerExtension", **llm_kwargs)
+                      trust_remote_code=trust_remote_code,
+                      worker_extension_cls="personavec.backends.vllm.WorkerExtension", **llm_kwargs)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if gpu_memory_utilization is None and not torch.cuda.is_available():
@@ -304,14 +290,14 @@ class VllmEngine:
         self.llm = LLM(**kwargs)
         self.check_config()
         self.n_blocks = self.llm.collective_rpc("personavec_install")[0]
-        self.config = AutoConfig.from_pretrained(self.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.name_or_path = spec
         self._fingerprint: str | None = None
-        self.active: list[Steering] = []  # set by `add_vectors(engine, ...)`; applies to every request
+        self.active: list[Steering] = []  # set by `steer()`; applies to every request
 
     def check_config(self) -> None:
         config = self.llm.llm_engine.vllm_config
@@ -329,25 +315,33 @@ class VllmEngine:
     def prefix_caching(self) -> bool:
         return bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
 
-    # -- model facts used by the rest of personavec ---------------------------------
+    # -- model facts ----------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.n_blocks
+
     @property
     def hidden_size(self) -> int:
         config = getattr(self.config, "text_config", None) or self.config
         return int(config.hidden_size)
 
+    @property
+    def context_length(self) -> int | None:
+        return int(self.llm.llm_engine.vllm_config.model_config.max_model_len)
+
     def fingerprint(self) -> str:
         """The same fingerprint `models.model_fingerprint` gives the transformers model of this folder."""
-        from .models import folder_fingerprint
-
         if self._fingerprint is None:  # reads every weight file once
             self._fingerprint = folder_fingerprint(self.path, self.config, self.n_blocks)
         return self._fingerprint
 
+    # -- steering -------------------------------------------------------------------
+    def steer(self, deltas: dict[int, torch.Tensor], positions: str = "all") -> "EngineSteeringHandle":
+        return EngineSteeringHandle(self, deltas, positions)
+
     # -- generation -----------------------------------------------------------------
     def _prompts(self, chats: list[list[dict]]):
         from vllm.inputs import TokensPrompt
-
-        from .chat import prompt_text
 
         return [TokensPrompt(prompt_token_ids=self.tokenizer(prompt_text(self.tokenizer, c),
                                                              add_special_tokens=False)["input_ids"]) for c in chats]
@@ -369,15 +363,33 @@ class VllmEngine:
         self.llm.collective_rpc("personavec_set_steering", args=(specs,))
         return names
 
-    def generate(self, chats: list[list[dict]], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = 0, steering: list[Steering | None] | None = None,
-                 show_progress: bool = True) -> list[str]:
-        """Answers in input order. `steering[i]` is request i's own steering (on top of any active handle)."""
+    def generate(self, chats, steerings=None, *, max_new_tokens=128, temperature=0.0, top_p=1.0, batch_size=16,
+                 seed=0, show_progress=True, on_batch=None) -> list[str]:
+        """vLLM schedules its own batches; we hand it large chunks so `on_batch` still saves progress as it goes.
+        `steerings[i]` is request i's own steering, on top of any active `steer()` handle."""
+        if steerings is not None and len(steerings) != len(chats):
+            raise ValueError("steerings needs one entry per chat")
+        for steering in steerings or []:
+            if steering is not None:
+                check_steering(self.n_layers, steering.deltas, steering.positions)
+        chunk = max(64, 4 * batch_size)
+        answers: list[str] = []
+        with progress_bar("generating (vllm)", total=len(chats), enabled=show_progress) as advance:
+            for start in range(0, len(chats), chunk):
+                indices = list(range(start, min(start + chunk, len(chats))))
+                new = self._generate_requests([chats[i] for i in indices], max_new_tokens, temperature, top_p,
+                                              None if seed is None else seed + start,
+                                              None if steerings is None else [steerings[i] for i in indices])
+                answers += new
+                if on_batch:
+                    on_batch(indices, new)
+                advance(len(indices))
+        return answers
+
+    def _generate_requests(self, chats, max_new_tokens, temperature, top_p, seed, steerings) -> list[str]:
         from vllm import SamplingParams
 
-        steerings = steering if steering is not None else [None] * len(chats)
-        if len(steerings) != len(chats):
-            raise ValueError("steering needs one entry per chat")
+        steerings = steerings if steerings is not None else [None] * len(chats)
         merged = [_merge(self.active + ([s] if s else [])) for s in steerings]
         names = self._steering_payload(merged)
         params = []
@@ -388,22 +400,46 @@ class VllmEngine:
                                          seed=None if seed is None else seed + i, extra_args=extra,
                                          skip_special_tokens=True))
         try:
-            outputs = self.llm.generate(self._prompts(chats), params, use_tqdm=show_progress)
+            outputs = self.llm.generate(self._prompts(chats), params, use_tqdm=False)
         finally:
             self.llm.collective_rpc("personavec_set_steering", args=({},))
         return [o.outputs[0].text.strip() for o in outputs]
 
     # -- reading --------------------------------------------------------------------
-    def capture_chats(self, chats: list[list[dict]], layers: list[int], with_response: bool):
-        """Per chat and layer: (response mean, prompt mean, last prompt token, mean token norm) as fp32 tensors."""
+    def capture(self, chats, layers=None, positions=POSITIONS, *, batch_size=16, max_batch_tokens=8192,
+                max_length=None, show_progress=True) -> Activations:
+        """The same readings as transformers, through the workers' hooks: each chat is sent whole, one token is
+        sampled and dropped."""
+        check_positions(positions)
+        layers = check_layers(self.n_layers, layers)
+        encode_for_capture(self.tokenizer, chats, positions, None)  # the empty-response check, before any work
+        limit = max_length or self.context_length
+        with_response = "response_avg" in positions
+        results = {p: torch.zeros(len(chats), len(layers), self.hidden_size) for p in positions}
+        token_norm = torch.zeros(len(chats), len(layers))
+        encoded_all = [encode_chat(self.tokenizer, c, with_response=with_response) for c in chats]
+        skipped = [i for i, e in enumerate(encoded_all) if limit and len(e.input_ids) > limit]
+        skipped_set = set(skipped)
+        keep = [i for i in range(len(chats)) if i not in skipped_set]
+        chunk = max(64, 4 * batch_size)
+        with progress_bar("activations (vllm)", total=len(keep), enabled=show_progress) as advance:
+            for start in range(0, len(keep), chunk):
+                rows = keep[start : start + chunk]
+                out, norms = self._capture_requests([encoded_all[i] for i in rows], layers, with_response)
+                for position, name in (("response_avg", "response"), ("prompt_avg", "prompt"), ("prompt_last", "last")):
+                    if position in results:
+                        results[position][rows] = out[name]
+                token_norm[rows] = norms
+                advance(len(rows))
+        return Activations(layers=layers, token_norm=token_norm, skipped=skipped, **results)
+
+    def _capture_requests(self, encoded, layers: list[int], with_response: bool):
+        """Per chat and layer: (response mean, prompt mean, last prompt token) and the mean token norm, fp32."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from .chat import encode_chat
-
-        encoded = [encode_chat(self.tokenizer, c, with_response=with_response) for c in chats]
-        keys = [f"c{i}" for i in range(len(chats))]
-        names = self._steering_payload([_merge(self.active)] * len(chats))
+        keys = [f"c{i}" for i in range(len(encoded))]
+        names = self._steering_payload([_merge(self.active)] * len(encoded))
         self.llm.collective_rpc("personavec_start_capture",
                                 args=(list(layers), {k: e.prompt_len for k, e in zip(keys, encoded)}))
         params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args={EXTRA_KEY: {"capture": k, "steer": n}})
@@ -414,8 +450,8 @@ class VllmEngine:
             sums = self.llm.collective_rpc("personavec_take_capture")[0]
             self.llm.collective_rpc("personavec_set_steering", args=({},))
         hidden = self.hidden_size
-        out = {name: torch.zeros(len(chats), len(layers), hidden) for name in ("response", "prompt", "last")}
-        norms = torch.zeros(len(chats), len(layers))
+        out = {name: torch.zeros(len(encoded), len(layers), hidden) for name in ("response", "prompt", "last")}
+        norms = torch.zeros(len(encoded), len(layers))
         for i, key in enumerate(keys):
             for j, layer in enumerate(layers):
                 acc = sums[key][layer]
@@ -426,7 +462,31 @@ class VllmEngine:
                 out["last"][i, j] = vec["last"]
                 norms[i, j] = (acc["norm_response"] / max(acc["n_response"], 1) if with_response
                                else acc["norm_prompt"] / max(acc["n_prompt"], 1))
-        return out, norms, encoded
+        return out, norms
+
+
+class EngineSteeringHandle:
+    """Steering on a vLLM backend: every request sent while the handle is active carries these deltas."""
+
+    def __init__(self, backend: VllmBackend, deltas: dict[int, torch.Tensor], positions: str = "all"):
+        check_steering(backend.n_layers, deltas, positions)
+        self.backend = backend
+        self.deltas = {layer: delta.detach().float() for layer, delta in deltas.items()}
+        self.steering = Steering(self.deltas, positions)
+        backend.active.append(self.steering)
+
+    def set_token_mask(self, mask) -> None:
+        raise PersonavecError("token masks (training) need the transformers model; use --engine hf")
+
+    def remove(self) -> None:
+        if self.steering in self.backend.active:
+            self.backend.active.remove(self.steering)
+
+    def __enter__(self) -> "EngineSteeringHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def _merge(steerings: list[Steering]) -> Steering | None:
@@ -446,7 +506,5 @@ def _merge(steerings: list[Steering]) -> Steering | None:
 
 def _vllm_dtype(dtype: str) -> str:
     if dtype in ("auto", None):
-        from .models import resolve_dtype
-
         return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu"), "float32")
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
