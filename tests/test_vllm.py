@@ -22,10 +22,11 @@ def engines():
     from personavec.pipeline.contrast import builtin_contrast, contrastive_vector
     from personavec.backends.vllm import VllmBackend
 
-    model, tok = load_model("smollm2-135m", dtype="bf16")
+    # fp32 on both engines: bf16 kernels give batch-size-dependent results, so exact comparisons need fp32
+    model, tok = load_model("smollm2-135m", dtype="fp32")
     pos, neg = builtin_contrast()
     vector, _ = contrastive_vector(model, tok, pos, neg, trait="optimistic", show_progress=False)
-    engine = VllmBackend("smollm2-135m", dtype="bf16", max_model_len=1024)
+    engine = VllmBackend("smollm2-135m", dtype="fp32", max_model_len=1024)
     return model, tok, engine, vector
 
 
