@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.personavec-installed
 
-.PHONY: setup demo test test-slow bench setup-vllm test-vllm bench-vllm clean
+.PHONY: setup demo test test-slow bench setup-vllm test-vllm bench-vllm setup-chromium clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: setup
 # The default suite: unit tests on tiny random models plus integration tests on smollm2-135m (fetched once).
 test: setup
 	$(PY) -m pytest -q
+
+# Debian's chromium for the dashboard test (tests/test_serve.py); skipped without it, except under CI.
+setup-chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # Slower model tests, kept out of CI's default run. pytest exits 5 when no test is selected; that is not a failure here.
 test-slow: setup

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass, field
+
 from ..chat import EncodedChat, prompt_text
 from ..models import decoder_blocks, decoder_stack, final_norm, hidden_size, model_fingerprint, n_layers, unwrap
 from ..progress import progress_bar
 from .base import (POSITIONS, Activations, Backend, Steering, check_layers, check_positions, check_steering,
                    distinct_steerings, encode_for_capture)
+
+__all__ = ["AblationHandle", "HFBackend", "MonitoredAnswer", "SteeringHandle", "row_steering"]
 
 
 class SteeringHandle:
@@ -40,7 +44,8 @@ class SteeringHandle:
             slot_positions = ["all", positions]
         self.positions = positions
         self.tables = tables
-        self.deltas = {layer: table[1] for layer, table in tables.items()}  # slot 1: the single-steering case
+        # slot 1: the single-steering case (a row table made for load_slots may have no slot yet)
+        self.deltas = {layer: table[1] for layer, table in tables.items() if table.shape[0] > 1}
         self.slot_positions = slot_positions
         self.row_slots: torch.Tensor | None = None  # None: every row uses slot 1
         self._row_modes: list[tuple[str, torch.Tensor | None]] = []
@@ -126,6 +131,24 @@ class SteeringHandle:
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
         self.token_mask = mask
 
+    def load_slots(self, steerings: list[Steering], slots: list[int]) -> None:
+        """Replace the table with `steerings` (slot s + 1 = steerings[s]) and give rows `slots`, between passes.
+        Only layers hooked at creation can be steered."""
+        width = next(iter(self.tables.values())).shape[1]
+        tables = {}
+        for layer in self.tables:
+            table = torch.zeros(len(steerings) + 1, width)
+            for slot, steering in enumerate(steerings, start=1):
+                if layer in steering.deltas:
+                    table[slot] = steering.deltas[layer].detach().float()
+            tables[layer] = table
+        unknown = {layer for s in steerings for layer in s.deltas} - set(self.tables)
+        if unknown:
+            raise ValueError(f"layers {sorted(unknown)} were not hooked when the handle was made")
+        self.tables, self._cast = tables, {}
+        self.slot_positions = ["all"] + [s.positions for s in steerings]
+        self.set_rows(torch.tensor(slots))
+
     def set_rows(self, slots: torch.Tensor | None) -> None:
         """Slot per batch row for the following passes (0 = unsteered); None = every row slot 1."""
         self.row_slots = slots
@@ -149,12 +172,13 @@ class SteeringHandle:
         self.remove()
 
 
-def row_steering(model, steerings: list[Steering]) -> SteeringHandle:
-    """A handle whose slot s + 1 adds `steerings[s]`; give rows their slots with `set_rows`."""
+def row_steering(model, steerings: list[Steering], layers: list[int] | None = None) -> SteeringHandle:
+    """A handle whose slot s + 1 adds `steerings[s]`; give rows their slots with `set_rows`. `layers` hooks
+    more layers than the steerings use, for `load_slots` later."""
     total = n_layers(model)
     for steering in steerings:
         check_steering(total, steering.deltas, steering.positions)
-    layers = sorted({layer for s in steerings for layer in s.deltas})
+    layers = sorted({layer for s in steerings for layer in s.deltas} | set(layers or []))
     width = hidden_size(model)
     tables = {}
     for layer in layers:
@@ -179,6 +203,122 @@ class AblationHandle(SteeringHandle):
         weights = self._weights(hidden, self.positions)
         removed = (hidden @ unit).unsqueeze(-1) * unit
         return hidden - removed if weights is None else hidden - weights * removed
+
+
+@dataclass
+class MonitoredAnswer:
+    """One row of `generate_monitored`: the answer and the readings taken from the forward passes that made it."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    prompt_readings: torch.Tensor  # [K]: last prompt token, projected on each unit
+    token_readings: torch.Tensor  # [n_tokens, K]: the state each generated token was produced from
+    fed_readings: torch.Tensor  # [n_fed, K]: states of the generated tokens fed back (the response span)
+    finish_reason: str = "stop"
+    actions: list = field(default_factory=list)
+
+
+class _Monitor:
+    """Forward hooks that cap and read the residual stream along fixed unit vectors, per row and token.
+
+    `units[L]` is `[K_L, hidden]`; readings of every layer are concatenated in `layers` order (K columns).
+    A cap for column k of row r clamps `h . u_k` to at most `caps[r, k]` on decode steps (inf = no cap)."""
+
+    def __init__(self, model, units: dict[int, torch.Tensor], steering: SteeringHandle | None):
+        self.layers = sorted(units)
+        self.units = {layer: units[layer].float() for layer in self.layers}
+        offsets, start = {}, 0
+        for layer in self.layers:
+            offsets[layer] = (start, start + self.units[layer].shape[0])
+            start += self.units[layer].shape[0]
+        self.offsets, self.width = offsets, start
+        self.caps: torch.Tensor | None = None  # [batch, K]
+        self.prompt: torch.Tensor | None = None  # [batch, K]
+        self.steps: list[torch.Tensor] = []  # per decode step: [batch, K]
+        self._parts: dict[int, torch.Tensor] = {}
+        self._decoding = False
+        self._cast: dict = {}
+        blocks = decoder_blocks(model)
+        norm, total = final_norm(model), len(blocks)
+        self._handles = [decoder_stack(model).register_forward_pre_hook(self._see_inputs, with_kwargs=True)]
+        for layer in self.layers:
+            if layer == 0:
+                raise ValueError("readings at layer 0 (the embeddings) are not supported while generating")
+            # after steering's prepended hooks: readings see the steered (and capped) stream
+            self._handles.append(blocks[layer - 1].register_forward_hook(self._hook(layer, norm if layer == total else None)))
+
+    def _see_inputs(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        self._decoding = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+
+    def _unit(self, layer, like):
+        key = (layer, like.dtype, like.device)
+        if key not in self._cast:
+            self._cast[key] = self.units[layer].to(like.device, like.dtype)
+        return self._cast[key]
+
+    def _hook(self, layer: int, norm):
+        a, b = self.offsets[layer]
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            units = self._unit(layer, hidden)
+            if self._decoding and self.caps is not None:
+                caps = self.caps[:, a:b]
+                for k in range(b - a):
+                    limit = caps[:, k].to(hidden.device, hidden.dtype).view(-1, 1)
+                    if bool(torch.isinf(caps[:, k]).all()):
+                        continue
+                    excess = (hidden @ units[k] - limit).clamp(min=0)  # [batch, seq]
+                    hidden = hidden - excess.unsqueeze(-1) * units[k]
+            last = hidden[:, -1]
+            read = norm(last) if norm is not None else last  # hidden_states[-1] is after the final norm
+            self._parts[layer] = read.float() @ units.float().T
+            if layer == self.layers[-1]:
+                row = torch.cat([self._parts[la] for la in self.layers], dim=1).cpu()
+                if self._decoding:
+                    self.steps.append(row)
+                else:
+                    self.prompt = row
+            if isinstance(output, tuple):
+                return (hidden,) + tuple(output[1:])
+            return hidden
+        return hook
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _StepCallback:
+    """A logits processor: called after each forward pass, before the next token is chosen. It runs the
+    guard decision after the prefill, streams each row's new token, and ends rows early by forcing EOS."""
+
+    def __init__(self, prompt_width: int, eos_id: int, limits: list[int], on_prefill, on_step):
+        self.prompt_width, self.eos_id, self.limits = prompt_width, eos_id, limits
+        self.on_prefill, self.on_step = on_prefill, on_step
+        self.calls = 0
+        self.ended: list[str | None] = [None] * len(limits)
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids.shape[1] - self.prompt_width
+        if self.calls == 0 and self.on_prefill is not None:
+            self.on_prefill()
+        elif generated > 0 and self.on_step is not None:
+            stops = self.on_step(input_ids[:, -1].tolist(), generated)
+            for row, stop in enumerate(stops or []):
+                if stop and self.ended[row] is None:
+                    self.ended[row] = stop
+        self.calls += 1
+        for row, limit in enumerate(self.limits):
+            if self.ended[row] is None and generated >= limit:
+                self.ended[row] = "length"
+            if self.ended[row] is not None:
+                scores[row] = float("-inf")
+                scores[row, self.eos_id] = 0.0
+        return scores
 
 
 class _StopForward(Exception):
@@ -302,6 +442,75 @@ class HFBackend(Backend):
             if rows is not None:
                 rows.remove()
         return answers  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def generate_monitored(self, chats, steerings=None, *, units: dict[int, torch.Tensor], max_new_tokens: list[int],
+                           temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, caps=None,
+                           guard_layers: list[int] | None = None, on_prefill=None, on_step=None) -> list[MonitoredAnswer]:
+        """One batch, each row with its own steering, token limit and caps, read along `units` as it goes.
+
+        `on_prefill(prompt_readings [B, K])` may return `(steerings, slots)` for response-position steering
+        decided before the first decode step (guards), on `guard_layers`. `on_step(new_token_ids, step)` streams
+        tokens and may return, per row, a finish reason to end it. No extra forward pass is run for readings."""
+        tokenizer, model = self.tokenizer, self.model
+        unique, slots = distinct_steerings(steerings or [None] * len(chats))
+        texts = [prompt_text(tokenizer, messages) for messages in chats]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(self._device()) for k, v in batch.items()}
+        width = batch["input_ids"].shape[1]
+        handles = []
+        monitor = None
+        try:
+            if unique:
+                rows = row_steering(model, unique)
+                rows.set_rows(torch.tensor(slots))
+                handles.append(rows)
+            guard = row_steering(model, [], layers=guard_layers) if guard_layers else None
+            if guard is not None:
+                guard.set_rows(torch.zeros(len(chats), dtype=torch.long))
+                handles.append(guard)
+            monitor = _Monitor(model, units, None)
+            monitor.caps = caps
+
+            def prefill():
+                if on_prefill is None:
+                    return
+                decided = on_prefill(monitor.prompt)
+                if decided and guard is not None:
+                    guard.load_slots(*decided)
+
+            eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+            step = _StepCallback(width, eos, list(max_new_tokens), prefill, on_step)
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+            if seed is not None:
+                torch.manual_seed(seed)
+            from transformers import LogitsProcessorList
+
+            output = model.generate(**batch, max_new_tokens=max(max_new_tokens), pad_token_id=tokenizer.pad_token_id,
+                                    logits_processor=LogitsProcessorList([step]), top_k=None,
+                                    **({} if temperature > 0 else dict(temperature=None, top_p=None)), **sampling)
+        finally:
+            for handle in handles:
+                handle.remove()
+            if monitor is not None:
+                monitor.remove()
+        new_tokens = output[:, width:].tolist()
+        steps = torch.stack(monitor.steps, 1) if monitor.steps else torch.zeros(len(chats), 0, monitor.width)
+        answers = []
+        stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+        prompt_tokens = batch["attention_mask"].sum(1).tolist()
+        for row, ids in enumerate(new_tokens):
+            n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+            reason = step.ended[row] or ("stop" if n < len(ids) else "length")
+            kept = ids[:n]
+            # decode step j fed token j; the batch's last sampled token is never fed back
+            fed = steps[row, : min(n, steps.shape[1])]
+            produced = torch.cat([monitor.prompt[row : row + 1], steps[row, : max(0, n - 1)]], 0)[:n]
+            answers.append(MonitoredAnswer(
+                text=tokenizer.decode(kept, skip_special_tokens=True).strip(), token_ids=kept,
+                prompt_tokens=int(prompt_tokens[row]), prompt_readings=monitor.prompt[row],
+                token_readings=produced, fed_readings=fed, finish_reason=reason))
+        return answers
 
     # -- reading --------------------------------------------------------------------
     @torch.no_grad()

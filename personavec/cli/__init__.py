@@ -12,14 +12,14 @@ import warnings
 import typer
 
 from ..errors import PersonavecError
-from . import extract, judge, models, train, traits, uses, vectors
+from . import extract, judge, models, serve, train, traits, uses, vectors
 from .common import log
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Persona vectors: find, monitor and steer character traits in chat models.")
 
 # The order here is the order of `personavec --help`.
-for _group in (models, vectors, extract, traits, judge, uses, train):
+for _group in (models, vectors, extract, traits, judge, uses, train, serve):
     _group.register(app)
 
 
