@@ -495,6 +495,8 @@ class HFBackend(Backend):
             if monitor is not None:
                 monitor.remove()
         new_tokens = output[:, width:].tolist()
+        if monitor.prompt is None:  # nothing to read: no units
+            monitor.prompt = torch.zeros(len(chats), monitor.width)
         steps = torch.stack(monitor.steps, 1) if monitor.steps else torch.zeros(len(chats), 0, monitor.width)
         answers = []
         stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
