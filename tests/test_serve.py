@@ -198,6 +198,10 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(served):
     with pytest.raises(openai.AuthenticationError):
         ask(keyed.client("wrong"), "hi")
     assert ask(keyed.client("s3cret"), "hi").choices[0].message.content
+    assert [m.id for m in keyed.client("s3cret").models.list()] == [MODEL]
+    with pytest.raises(openai.AuthenticationError):
+        keyed.client("wrong").models.list()
+    assert httpx.get(f"{keyed.url}/api/requests?key=wrong").status_code == 401
     assert httpx.get(f"{server.url}/no/such/route").status_code == 404
 
 

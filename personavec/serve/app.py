@@ -238,12 +238,19 @@ def create_app(service: PersonaService, *, api_key: str | None = None, limits: L
         metrics.queue.set(service.pending)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def keyed(handler):
+        """Run `handler()` only for a request with the right key; a 401 in OpenAI's shape otherwise."""
+        async def route(request: Request):
+            try:
+                check_key(request)
+            except ApiError as exc:
+                return error(exc)
+            return handler()
+        return route
+
     @app.get("/v1/models")
-    async def models(request: Request):
-        try:
-            check_key(request)
-        except ApiError as exc:
-            return error(exc)
+    @keyed
+    def models():
         return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
                                             "owned_by": "personavec",
                                             "persona": {"traits": {n: {"layer": t.layer} for n, t in
@@ -255,11 +262,8 @@ def create_app(service: PersonaService, *, api_key: str | None = None, limits: L
         return HTMLResponse((resources.files("personavec.serve") / "dashboard.html").read_text(encoding="utf-8"))
 
     @app.get("/api/requests")
-    async def recent_requests(request: Request):
-        try:
-            check_key(request)
-        except ApiError as exc:
-            return error(exc)
+    @keyed
+    def recent_requests():
         return {"traits": list(service.traits), "requests": list(history)}
 
     @app.post("/v1/chat/completions")
