@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
-import httpx  # noqa: E402  (openai depends on it)
+import httpx  # noqa: E402  (raw HTTP for malformed bodies and streams cut short)
 
 from personavec.chat import user_chat  # noqa: E402
 from personavec.serve.guards import Guard, parse_guard  # noqa: E402
