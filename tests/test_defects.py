@@ -397,6 +397,7 @@ def test_an_empty_answer_names_the_file_and_line(capsys, tmp_path, tiny_folder, 
     result = run_cli(capsys, "monitor", "--model", tiny_folder, "--vector", vector_path, "--input", pos,
                      "--output", "m.jsonl", "--position", "response_avg")
     assert_user_error(*result, f"{pos}:2: the final assistant message is empty")
+    assert not (tmp_path / "m_run").exists()
 
 
 def test_extract_layers_are_checked_before_generating(capsys, tmp_path, tiny_folder, monkeypatch):

@@ -82,7 +82,7 @@ def monitor_cmd(
                       max_new_tokens, out, batch_size, dtype, force, engine, tensor_parallel_size)
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
-    from ..chat import read_chats, write_jsonl
+    from ..chat import check_responses, read_chats, write_jsonl
     from ..pipeline.monitor import monitor_chats, monitor_summary, numeric_field, write_monitor_report
     from ..runs import RunDir
 
@@ -90,6 +90,8 @@ def monitor_cmd(
     run_folder(_record_dir(output, out), "--out")
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path)
+    if position == "response_avg":  # before the model is loaded and the run folder written
+        check_responses(records, "--position response_avg averages the answer's tokens")
     score_values = [numeric_field(r, scores) for r in records] if scores else None
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
     layer = vector_layer(vector, lm, layer)
