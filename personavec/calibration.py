@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .atomic import atomic_write
-from .chat import iter_jsonl
+from .chat import iter_jsonl, read_text
 from .errors import PersonavecError
 from .vecmath import auroc  # noqa: F401  (re-exported: the judge check reports it)
 
@@ -90,10 +90,10 @@ def write_calibration(path: str | Path, calibration: dict) -> Path:
 
 def read_calibration(path: str | Path) -> dict:
     path = Path(path)
+    if not path.exists():
+        raise PersonavecError(f"{path}: calibration file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PersonavecError(f"{path}: calibration file not found") from None
+        data = json.loads(read_text(path))  # folders and non-UTF-8 bytes are one-line errors there
     except json.JSONDecodeError as exc:
         raise PersonavecError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("traits"), dict):

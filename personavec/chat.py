@@ -72,13 +72,47 @@ def _validate_messages(messages, where: str) -> list[dict]:
     return messages
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield `(line_number, object)`; blank lines are skipped, bad JSON is a one-line error."""
+def check_readable_file(path: str | Path) -> Path:
+    """`path` as a Path when it is a file that exists; a one-line error otherwise (missing, or a folder)."""
     path = Path(path)
     if not path.exists():
         raise PersonavecError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    if path.is_dir():
+        raise PersonavecError(f"{path}: is a folder, not a file")
+    return path
+
+
+def utf8_line(raw: bytes, where: str) -> str:
+    """One line of a text file as str; bytes that are not UTF-8 are a one-line error naming the file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PersonavecError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                              "save the file as UTF-8") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file (a leading BOM is dropped); missing files, folders and other encodings are
+    one-line errors naming the file and line."""
+    path = check_readable_file(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PersonavecError(f"{path}: cannot read it ({exc.strerror})") from None
+    lines = raw.split(b"\n")
+    text = "\n".join(utf8_line(line, f"{path}:{number}") for number, line in enumerate(lines, start=1))
+    return text.removeprefix("\ufeff")
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, object)`; blank lines are skipped; bad JSON or bytes that are not UTF-8 are a one-line
+    error naming the line."""
+    path = check_readable_file(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = utf8_line(raw, f"{path}:{number}")
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
             if not line.strip():
                 continue
             try:
@@ -105,6 +139,16 @@ def read_chats(path: str | Path, require_response: bool = False) -> list[ChatRec
     if not records:
         raise PersonavecError(f"{path}: no chats in the file")
     return records
+
+
+def check_responses(records: list[ChatRecord], why: str = "the answer is averaged over its tokens") -> None:
+    """Every chat must end with a non-empty assistant message; else a one-line error naming its file and line."""
+    for record in records:
+        if not record.has_response:
+            raise PersonavecError(f"{record.where}: the chat has no final assistant message ({why})")
+        if not record.response.strip():
+            raise PersonavecError(f"{record.where}: the final assistant message is empty ({why}, so it needs at "
+                                  "least one token)")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

@@ -20,6 +20,7 @@ Layer numbering is converted only here, at the export/import boundary:
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +30,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_write
-from .errors import PersonavecError
+from .errors import PersonavecError, arg
 from .backends import as_backend
 from .steering import add_vectors
 from .vecmath import mean_difference, unit
@@ -86,6 +87,12 @@ class PersonaVector:
         """Mean difference of two `Activations` captured at every layer (0..n_layers)."""
         if pos.layers != neg.layers or pos.layers != list(range(len(pos.layers))):
             raise PersonavecError("pos and neg activations must both cover every layer 0..n_layers")
+        # Chats skipped as too long hold zero rows: they are not in the means, nor in the counts.
+        pos, neg = pos.kept(), neg.kept()
+        for side, acts in (("pos", pos), ("neg", neg)):
+            if acts.n_chats == 0:
+                raise PersonavecError(f"{side}: no chat is left to average (every one was skipped as longer than "
+                                      "the context limit)")
 
         def diff(position):
             a, b = getattr(pos, position), getattr(neg, position)
@@ -109,7 +116,7 @@ class PersonaVector:
         """The `[n_layers + 1, hidden]` tensor for a position: response_avg (the main one), prompt_avg, prompt_last."""
         table = {"response_avg": self.vectors, "prompt_avg": self.prompt_avg, "prompt_last": self.prompt_last}
         if position not in table:
-            raise PersonavecError(f"--position {position!r}: use response_avg, prompt_avg or prompt_last")
+            raise PersonavecError(f"{arg('position', repr(position))}: use response_avg, prompt_avg or prompt_last")
         if table[position] is None:
             raise PersonavecError(f"{self.label}: has no {position!r} vectors")
         return table[position]
@@ -117,10 +124,17 @@ class PersonaVector:
     def check_layer(self, layer: int | None) -> int:
         layer = self.layer if layer is None else layer
         if layer is None:
-            raise PersonavecError(f"{self.label}: records no layer; pass --layer")
+            raise PersonavecError(f"{self.label}: records no layer; pass {arg('layer')}")
         if not 0 <= layer <= self.n_layers:
-            raise PersonavecError(f"--layer {layer} is out of range: {self.label} has layers 0..{self.n_layers}")
+            raise PersonavecError(f"{arg('layer', layer)} is out of range: {self.label} has layers 0..{self.n_layers}")
         return layer
+
+    def check_nonzero(self, layer: int) -> None:
+        """Refuse to steer or read along the vector at a layer where it is all zeros (it has no direction there:
+        e.g. a layer that a single-layer GGUF file does not hold)."""
+        if not bool(self.vectors[layer].any()):
+            raise PersonavecError(f"{self.label}: the vector at layer {layer} is all zeros, so it has no direction "
+                                  "to steer or read along; choose another layer or another vector")
 
     def direction(self, layer: int | None = None) -> torch.Tensor:
         """The unit vector at a layer (the recorded one by default)."""
@@ -134,13 +148,21 @@ class PersonaVector:
         across layers.
         """
         layer = self.check_layer(layer)
+        try:
+            finite = math.isfinite(float(coef))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise PersonavecError(f"{arg('coef', coef)}: the steering coefficient must be a finite number")
+        if coef_mode not in COEF_MODES:
+            raise PersonavecError(f"{arg('coef_mode', repr(coef_mode))}: use raw or norm")
+        self.check_nonzero(layer)
         if coef_mode == "raw":
             return coef * self.vectors[layer]
         if coef_mode == "norm":
             if self.norms is None:
-                raise PersonavecError(f"{self.label}: has no activation norms; use --coef-mode raw")
-            return coef * float(self.norms[layer]) * unit(self.vectors[layer])
-        raise PersonavecError(f"--coef-mode {coef_mode!r}: use raw or norm")
+                raise PersonavecError(f"{self.label}: has no activation norms; use {arg('coef_mode', 'raw')}")
+        return coef * float(self.norms[layer]) * unit(self.vectors[layer])
 
     def check_model(self, model) -> None:
         """Refuse a model whose shape differs; warn when the fingerprint differs (e.g. a fine-tune of it)."""
@@ -162,7 +184,7 @@ class PersonaVector:
         layer = self.check_layer(layer)
         coef = self.coef if coef is None else coef
         if coef is None:
-            raise PersonavecError(f"{self.label}: records no coefficient; pass --coef")
+            raise PersonavecError(f"{self.label}: records no coefficient; pass {arg('coef')}")
         return add_vectors(model, {layer: self.delta(layer, coef, coef_mode or self.coef_mode)}, positions)
 
     # -- safetensors ---------------------------------------------------------
@@ -234,7 +256,7 @@ class PersonaVector:
         for layer in layers:
             if not 2 <= layer <= self.n_layers:
                 raise PersonavecError(
-                    f"--layer {layer}: llama.cpp control vectors can hold layers 2..{self.n_layers} only "
+                    f"{arg('layer', layer)}: llama.cpp control vectors can hold layers 2..{self.n_layers} only "
                     "(llama.cpp never steers its first block's output)")
         path = Path(path)
 
@@ -244,6 +266,9 @@ class PersonaVector:
             writer.add_uint32("controlvector.layer_count", len(layers))
             writer.add_string("personavec.trait", self.trait)
             writer.add_string("personavec.layer_convention", "direction.k = personavec layer k+1")
+            # llama.cpp reads only the direction tensors; this lets personavec read a subset back at the
+            # model's real depth (a file holding direction.18 alone is still a vector for a 30-layer model).
+            writer.add_uint32("personavec.n_layers", self.n_layers)
             for layer in layers:
                 writer.add_tensor(f"direction.{llama_cpp_index(layer)}", rows[layer].numpy().astype("float32"))
             writer.write_header_to_file()
@@ -309,21 +334,48 @@ def _import_gguf(path: Path, n_layers_hint: int | None) -> PersonaVector:
     hidden = {row.numel() for row in rows.values()}
     if len(hidden) != 1:
         raise PersonavecError(f"{path}: direction tensors have different sizes {sorted(hidden)}")
-    total = max(n_layers_hint or 0, max(rows))
+    recorded = _gguf_int(reader, "personavec.n_layers")  # written by personavec's export
+    total = max(n_layers_hint or 0, recorded or 0, max(rows))
     vectors = torch.zeros(total + 1, hidden.pop())
     for layer, row in rows.items():
         vectors[layer] = row
-    hint = reader.fields.get("controlvector.model_hint")
-    model = bytes(hint.parts[hint.data[0]]).decode() if hint else ""
-    return PersonaVector(vectors=vectors, model=model, source=str(path), layer=max(rows) if len(rows) == 1 else None,
+    return PersonaVector(vectors=vectors, model=_gguf_str(reader, "controlvector.model_hint"),
+                         trait=_gguf_str(reader, "personavec.trait"), source=str(path),
+                         layer=max(rows) if len(rows) == 1 else None,
                          extra={"imported_from": "gguf", "layers_present": sorted(rows)})
 
 
+def _gguf_str(reader, key: str) -> str:
+    field = reader.fields.get(key)
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace") if field else ""
+
+
+def _gguf_int(reader, key: str) -> int | None:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        return int(field.parts[field.data[0]][0])
+    except (IndexError, TypeError, ValueError):
+        return None
+
+
 def _import_pt(path: Path) -> PersonaVector:
+    import pickle
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickled code with an UnpicklingError
-        raise PersonavecError(f"{path}: cannot be read safely as a tensor file ({str(exc).splitlines()[0]})") from None
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a reference to Python code: garbage the reader chokes on
+            raise PersonavecError(f"{path}: not a readable .pt tensor file (corrupt, truncated or another format); "
+                                  "export it again with torch.save(tensor, path) or use a .safetensors file") from None
+        # weights_only met something other than plain tensors and containers
+        raise PersonavecError(f"{path}: holds pickled Python objects besides tensors; personavec reads .pt files "
+                              "only as plain tensors (torch.load with weights_only=True), because unpickling a "
+                              "file runs code from it. Save the tensor alone, or use a .safetensors file") from None
+    except Exception:  # not a zip / legacy torch file at all, truncated, ...
+        raise PersonavecError(f"{path}: not a readable .pt tensor file (corrupt, truncated or another format); "
+                              "export it again with torch.save(tensor, path) or use a .safetensors file") from None
     if not isinstance(obj, torch.Tensor):
         raise PersonavecError(f"{path}: holds a {type(obj).__name__}, not a tensor [n_layers + 1, hidden]")
     if obj.dim() != 2:

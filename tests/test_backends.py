@@ -107,9 +107,9 @@ def test_backend_capture_equals_library_capture_and_facts(tiny_llama):
 
 def test_backend_errors_are_one_line(tiny_llama):
     model, tok = tiny_llama
-    with pytest.raises(PersonavecError, match="--engine 'tpu': use hf or vllm"):
+    with pytest.raises(PersonavecError, match="engine='tpu': use hf or vllm"):
         load_backend("whatever", engine="tpu")
-    with pytest.raises(PersonavecError, match="--tensor-parallel-size needs --engine vllm"):
+    with pytest.raises(PersonavecError, match="tensor_parallel_size= needs engine=vllm"):
         load_backend("whatever", tensor_parallel_size=2)
     with pytest.raises(PersonavecError, match="expected a transformers model or a personavec backend"):
         as_backend("a string")

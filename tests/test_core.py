@@ -57,7 +57,7 @@ def test_early_exit_runs_only_needed_blocks_and_never_the_lm_head(tiny):
 
 def test_capture_rejects_layer_out_of_range(tiny):
     model, tok = tiny
-    with pytest.raises(PersonavecError, match="--layer 9 is out of range"):
+    with pytest.raises(PersonavecError, match="layer=9 is out of range"):
         capture(model, tok, CHATS, layers=[9], show_progress=False)
 
 

@@ -140,7 +140,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_folder, tmp_path, monkeyp
 
 def test_finetune_refuses_bad_input(tiny_folder, tmp_path):
     model, tok = load_model(tiny_folder, dtype="fp32")
-    with pytest.raises(PersonavecError, match="--coef needs --steer"):
+    with pytest.raises(PersonavecError, match="coef= needs steer="):
         run_finetune(cfg(tiny_folder, coef=1.0), TRAIN, model, tok, tmp_path / "a")
     with pytest.raises(PersonavecError, match="made for a model with 4 layers and hidden size 32"):
         run_finetune(cfg(tiny_folder, steer="v", coef=1.0), TRAIN, model, tok, tmp_path / "a",
@@ -148,7 +148,7 @@ def test_finetune_refuses_bad_input(tiny_folder, tmp_path):
     with pytest.raises(PersonavecError, match=r"train.jsonl:9: the chat has no final assistant message"):
         run_finetune(cfg(tiny_folder), TRAIN[:8] + [ChatRecord(CHATS[0][:-1], where="train.jsonl:9")], model, tok,
                      tmp_path / "a")
-    with pytest.raises(PersonavecError, match="no chat fits --max-length 3"):
+    with pytest.raises(PersonavecError, match="no chat fits max_length=3"):
         run_finetune(cfg(tiny_folder, max_length=3), TRAIN, model, tok, tmp_path / "a")
     assert not (tmp_path / "a").exists()  # nothing written for refused input
     (tmp_path / "b").mkdir()

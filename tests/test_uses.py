@@ -198,14 +198,14 @@ def test_select_rows_by_hand():
     assert select_rows(personas, "s", drop_top=0.5) == [1, 3]  # drop 2 of 4 scored: 5.0 and 4.0
     assert select_rows(personas, "s", keep_below=4.0) == [1, 3]
     assert select_rows(personas, "s") == [0, 1, 3, 4]
-    with pytest.raises(PersonavecError, match="--drop-top 10"):
+    with pytest.raises(PersonavecError, match="drop_top=10"):
         select_rows(personas, "s", drop_top=10)
 
 
 def test_read_labels_names_the_line():
     good = [ChatRecord(CHATS[0], {"y": 1}), ChatRecord(CHATS[0], {"y": 0})]
     assert read_labels(good, "y") == [1, 0]
-    with pytest.raises(PersonavecError, match=r"d.jsonl:7: --labels field 'y' is 0.5"):
+    with pytest.raises(PersonavecError, match=r"d.jsonl:7: label field 'y' is 0.5"):
         read_labels([ChatRecord(CHATS[0], {"y": 0.5}, where="d.jsonl:7")], "y")
 
 

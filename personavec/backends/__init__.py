@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, arg
 from ..models import load_model
 from .base import POSITIONS, STEER_POSITIONS, Activations, Backend, Steering, check_steering
 from .hf import AblationHandle, HFBackend, SteeringHandle
@@ -26,10 +26,10 @@ def load_backend(spec: str, engine: str = "hf", dtype: str | torch.dtype = "auto
                  trust_remote_code: bool = False, **engine_kwargs) -> Backend:
     """A backend for a packaged short name, local folder or hub id on the chosen engine (`hf` or `vllm`)."""
     if engine not in ENGINES:
-        raise PersonavecError(f"--engine {engine!r}: use {' or '.join(ENGINES)}")
+        raise PersonavecError(f"{arg('engine', repr(engine))}: use {' or '.join(ENGINES)}")
     if engine == "hf":
         if tensor_parallel_size != 1:
-            raise PersonavecError("--tensor-parallel-size needs --engine vllm")
+            raise PersonavecError(f"{arg('tensor_parallel_size')} needs {arg('engine', 'vllm')}")
         model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
         return HFBackend(model, tokenizer)
     from .vllm import VllmBackend  # optional: imports vLLM only when asked for

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat import EncodedChat, encode_chat
-from ..errors import PersonavecError
+from ..errors import PersonavecError, arg
 
 POSITIONS = ("response_avg", "prompt_avg", "prompt_last")
 STEER_POSITIONS = ("all", "prompt", "response")
@@ -55,6 +55,19 @@ class Activations:
     def layer_index(self, layer: int) -> int:
         return self.layers.index(layer)
 
+    def kept(self) -> "Activations":
+        """The same activations without the rows of skipped chats (which hold zeros): what means and counts use."""
+        if not self.skipped:
+            return self
+        skipped = set(self.skipped)
+        total = next(t.shape[0] for t in (self.response_avg, self.prompt_avg, self.prompt_last, self.token_norm)
+                     if t is not None)
+        rows = torch.tensor([i for i in range(total) if i not in skipped], dtype=torch.long)
+        take = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Activations(layers=list(self.layers), response_avg=take(self.response_avg),
+                           prompt_avg=take(self.prompt_avg), prompt_last=take(self.prompt_last),
+                           token_norm=take(self.token_norm), skipped=[])
+
 
 @dataclass(eq=False)  # compared by identity: equality over dicts of tensors is ambiguous
 class Steering:
@@ -71,10 +84,11 @@ class Steering:
 
 def check_steering(total_layers: int, deltas: dict[int, torch.Tensor], positions: str) -> None:
     if positions not in STEER_POSITIONS:
-        raise PersonavecError(f"--position {positions!r}: use one of {', '.join(STEER_POSITIONS)}")
+        raise PersonavecError(f"{arg('positions', repr(positions), flag='--position')}: use one of "
+                              f"{', '.join(STEER_POSITIONS)}")
     for layer, delta in deltas.items():
         if not 0 <= layer <= total_layers:
-            raise PersonavecError(f"--layer {layer} is out of range: this model has layers 0..{total_layers}")
+            raise PersonavecError(f"{arg('layer', layer)} is out of range: this model has layers 0..{total_layers}")
         if not torch.isfinite(delta).all():
             raise PersonavecError(f"the steering vector at layer {layer} contains NaN or inf")
 
@@ -86,7 +100,7 @@ def check_layers(total_layers: int, layers) -> list[int]:
     layers = sorted(set(int(layer) for layer in layers))
     for layer in layers:
         if not 0 <= layer <= total_layers:
-            raise PersonavecError(f"--layer {layer} is out of range: this model has layers 0..{total_layers}")
+            raise PersonavecError(f"{arg('layer', layer)} is out of range: this model has layers 0..{total_layers}")
     return layers
 
 
@@ -174,4 +188,4 @@ class Backend(abc.ABC):
 
     def transformers_model(self, what: str = "this step") -> torch.nn.Module:
         """The underlying transformers model, for steps only transformers can run (training, logit scoring)."""
-        raise PersonavecError(f"{what} needs the transformers model; use --engine hf")
+        raise PersonavecError(f"{what} needs the transformers model; use {arg('engine', 'hf')}")

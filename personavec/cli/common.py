@@ -1,13 +1,143 @@
-"""Helpers shared by the command groups: stderr logging and the one place a command loads a model for an engine."""
+"""Helpers shared by the command groups: stderr logging, the checks every flag and output path gets before any
+work, the console tables print to, and the one place a command loads a model for an engine.
+
+Numeric flags are checked while the command line is parsed, by the callbacks below (`typer.Option(16,
+"--batch-size", callback=positive_int)`); a bad value is the one-line `error: --flag VALUE: ...` (exit 2).
+"""
 
 from __future__ import annotations
 
+import math
 import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import PersonavecError
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
+
+# -- flag values, checked at parse time -----------------------------------------------------------------------
+
+def _flag(param: typer.CallbackParam) -> str:
+    longs = [o for o in param.opts if o.startswith("--")]
+    return longs[0] if longs else param.opts[0]
+
+
+def _check(param: typer.CallbackParam, value, ok: bool, need: str):
+    if not ok:
+        raise PersonavecError(f"{_flag(param)} {value}: {need}")
+    return value
+
+
+def positive_int(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+    """Counts: batch sizes, token budgets, numbers of questions (None: the flag's own default)."""
+    return value if value is None else _check(param, value, value >= 1, "must be at least 1")
+
+
+def non_negative_int(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+    """Layer numbers and counts where 0 means none (e.g. `--top-k 0` lists nothing)."""
+    return value if value is None else _check(param, value, value >= 0, "must be 0 or more")
+
+
+def finite_float(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+    """Coefficients and thresholds: any real number, not nan or inf."""
+    return value if value is None else _check(param, value, math.isfinite(value), "must be a finite number")
+
+
+def non_negative_float(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+    """Temperatures (0 = greedy), limits and rates that cannot be negative."""
+    return value if value is None else _check(param, value, math.isfinite(value) and value >= 0,
+                                              "must be a finite number >= 0")
+
+
+def positive_float(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+    """Learning rates and the like: finite and above 0."""
+    return value if value is None else _check(param, value, math.isfinite(value) and value > 0,
+                                              "must be a finite number > 0")
+
+
+def fraction(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+    """A share in [0, 1), e.g. `--drop-top 0.1` (the top 10%), or a dropout probability."""
+    return value if value is None else _check(param, value, math.isfinite(value) and 0 <= value < 1,
+                                              "must be a fraction in [0, 1), e.g. 0.1")
+
+
+def number_list(text: str, flag: str) -> list[float]:
+    """`-1,0,1` as finite floats; anything else is an error naming the flag."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PersonavecError(f"{flag} {text!r}: give comma-separated numbers, e.g. -1,0,1") from None
+    if not values:
+        raise PersonavecError(f"{flag} {text!r}: give at least one number")
+    bad = [x for x in values if not math.isfinite(x)]
+    if bad:
+        raise PersonavecError(f"{flag} {text!r}: {bad[0]} is not a finite number")
+    return values
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """`8,10,12` as ints; anything else (1.5, x) is an error naming the flag."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PersonavecError(f"{flag} {text!r}: give comma-separated whole numbers, e.g. 8,10,12") from None
+    if not values:
+        raise PersonavecError(f"{flag} {text!r}: give at least one number")
+    return values
+
+
+# -- outputs, checked before any work ------------------------------------------------------------------------
+
+def _blocking_parent(path: Path) -> Optional[Path]:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def output_file(path: Optional[Path], flag: str) -> Optional[Path]:
+    """Refuse an output file path that cannot be written (a folder, or under a file) before anything is computed."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise PersonavecError(f"{flag} {path}: is a folder; give a file path")
+    blocker = _blocking_parent(path)
+    if blocker is not None:
+        raise PersonavecError(f"{flag} {path}: {blocker} is a file, not a folder")
+    return path
+
+
+def run_folder(path: Optional[Path], flag: str) -> Optional[Path]:
+    """Refuse a run folder path that is a file (or lies under one) before anything is computed."""
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        raise PersonavecError(f"{flag} {path}: is a file; a run folder is needed (give a new or existing folder)")
+    blocker = _blocking_parent(path)
+    if blocker is not None:
+        raise PersonavecError(f"{flag} {path}: {blocker} is a file, not a folder")
+    return path
+
+
+# -- tables ----------------------------------------------------------------------------------------------------
+
+def console(stderr: bool = False):
+    """The console a command prints a table to. In a terminal: its width. Into a file or a pipe: wide enough that
+    no cell is cut or folded, so every name and path stays whole for grep (rich would otherwise assume 80 columns,
+    or $COLUMNS)."""
+    from rich.console import Console
+
+    plain = Console(stderr=stderr)
+    return plain if plain.is_terminal else Console(stderr=stderr, width=10_000)
+
+
+# -- models ----------------------------------------------------------------------------------------------------
 
 def load_engine_model(model: str, engine: str, dtype: str = "auto", tensor_parallel_size: int = 1,
                       trust_remote_code: bool = False):
@@ -17,3 +147,10 @@ def load_engine_model(model: str, engine: str, dtype: str = "auto", tensor_paral
 
     backend = load_backend(model, engine, dtype, tensor_parallel_size, trust_remote_code)
     return backend, backend.tokenizer
+
+
+def vector_layer(vector, model, layer: Optional[int]) -> int:
+    """The layer a command steers or reads: the vector's shape is checked against the model first (a vector made
+    for another model says so), then `--layer` or the layer the file records."""
+    vector.check_model(model)
+    return vector.check_layer(layer)

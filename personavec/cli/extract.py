@@ -8,14 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import load_engine_model, log
-
-
-def _float_list(text: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PersonavecError(f"{flag} {text!r}: give comma-separated numbers, e.g. -1,0,1") from None
+from .common import (console, finite_float, int_list, load_engine_model, log, non_negative_float, non_negative_int,
+                     number_list, positive_int, run_folder)
 
 
 def _load_calibration(path: Optional[Path]) -> Optional[dict]:
@@ -31,23 +25,28 @@ def extract_cmd(
     trait_name: str = typer.Option(..., "--trait", help="built-in trait name or a trait JSON file"),
     judge_spec: str = typer.Option(..., "--judge", help="local:MODEL | openai:MODEL | none"),
     out: Path = typer.Option(..., "--out", help="run folder"),
-    questions: Optional[int] = typer.Option(None, "--questions", help="use the first N extraction questions"),
-    samples: int = typer.Option(1, "--samples-per-question"),
-    max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    questions: Optional[int] = typer.Option(None, "--questions", help="use the first N extraction questions",
+                                            callback=positive_int),
+    samples: int = typer.Option(1, "--samples-per-question", callback=positive_int),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", callback=positive_int),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy", callback=non_negative_float),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     seed: int = typer.Option(0, "--seed"),
-    pos_threshold: Optional[float] = typer.Option(None, "--pos-threshold", help="default 50, or the calibrated threshold"),
-    neg_threshold: Optional[float] = typer.Option(None, "--neg-threshold", help="default 50, or the calibrated threshold"),
-    coherence_threshold: float = typer.Option(50.0, "--coherence-threshold"),
+    pos_threshold: Optional[float] = typer.Option(None, "--pos-threshold", help="default 50, or the calibrated threshold",
+                                                  callback=finite_float),
+    neg_threshold: Optional[float] = typer.Option(None, "--neg-threshold", help="default 50, or the calibrated threshold",
+                                                  callback=finite_float),
+    coherence_threshold: float = typer.Option(50.0, "--coherence-threshold", callback=finite_float),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="thresholds from `judge-check --save`"),
     layers: Optional[str] = typer.Option(None, "--layers", help="candidate layers, e.g. 8,10,12 (default: 5 over the middle)"),
-    sweep_coef: float = typer.Option(0.5, "--sweep-coef", help="norm-relative coefficient for the layer sweep"),
-    sweep_questions: int = typer.Option(5, "--sweep-questions"),
+    sweep_coef: float = typer.Option(0.5, "--sweep-coef", help="norm-relative coefficient for the layer sweep",
+                                     callback=finite_float),
+    sweep_questions: int = typer.Option(5, "--sweep-questions", callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force", help="overwrite a folder that holds a different run"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
+                                             callback=positive_int),
 ) -> None:
     """The paper's pipeline: generate pos/neg answers, judge, filter, vectors, choose a layer, report."""
     from ..calibration import threshold_for, warn_if_uncalibrated
@@ -55,6 +54,8 @@ def extract_cmd(
     from ..pipeline.extract import ExtractConfig, run_extract
     from ..traits import load_trait
 
+    run_folder(out, "--out")
+    candidate_layers = int_list(layers, "--layers") if layers else None
     trait = load_trait(trait_name)
     calib = _load_calibration(calibration)
     threshold = threshold_for(calib, trait.name) if calib else 50.0
@@ -64,7 +65,7 @@ def extract_cmd(
         pos_threshold=threshold if pos_threshold is None else pos_threshold,
         neg_threshold=threshold if neg_threshold is None else neg_threshold,
         coherence_threshold=coherence_threshold,
-        candidate_layers=[int(x) for x in _float_list(layers, "--layers")] if layers else None,
+        candidate_layers=candidate_layers,
         sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype)
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
     judge = make_judge(judge_spec)
@@ -83,27 +84,35 @@ def evaluate_cmd(
     coefs: str = typer.Option(..., "--coefs", help="comma-separated, e.g. -1,-0.5,0,0.5,1"),
     judge_spec: str = typer.Option(..., "--judge"),
     out: Path = typer.Option(..., "--out"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="default: the layer recorded in the vector file"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="default: the layer recorded in the vector file",
+                                        callback=non_negative_int),
     coef_mode: str = typer.Option("norm", "--coef-mode", help="norm (relative to activation norm) | raw"),
-    questions: Optional[int] = typer.Option(None, "--questions"),
-    max_new_tokens: int = typer.Option(96, "--max-new-tokens"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    questions: Optional[int] = typer.Option(None, "--questions", callback=positive_int),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", callback=positive_int),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     capability: bool = typer.Option(False, "--capability", help="also multiple-choice accuracy under each coefficient"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
+                                             callback=positive_int),
 ) -> None:
     """Steering curve: trait and coherence scores for each coefficient (and capability with --capability)."""
-    from ..judge import make_judge
+    from ..judge import make_judge, parse_spec
     from ..pipeline.evaluate import EvaluateConfig, run_evaluate
     from ..traits import load_trait
     from ..vectors import PersonaVector
 
+    if parse_spec(judge_spec).kind == "none":
+        raise PersonavecError("--judge none: evaluate scores the steered answers for the trait and for coherence, "
+                              "so it needs a judge (local:<model> or openai:<model>); to just see steered answers, "
+                              "use `personavec steer`")
+    coef_values = number_list(coefs, "--coefs")
+    run_folder(out, "--out")
     trait = load_trait(trait_name)
     vector = PersonaVector.load(vector_path)
     cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec,
-                         coefs=_float_list(coefs, "--coefs"), layer=layer, coef_mode=coef_mode, questions=questions,
+                         coefs=coef_values, layer=layer, coef_mode=coef_mode, questions=questions,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability)
     if capability and engine != "hf":
         raise PersonavecError("--capability scores next-token logits with the transformers model; use --engine hf")
@@ -114,7 +123,6 @@ def evaluate_cmd(
 
 
 def _print_curve(summary: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{summary['trait']}: steering curve at layer {summary['layer']} ({summary['coef_mode']})")
@@ -124,7 +132,7 @@ def _print_curve(summary: dict) -> None:
     for e in summary["per_coef"]:
         cap = e.get("capability_accuracy")
         table.add_row(f"{e['coef']:+g}", fmt(e["trait"]), fmt(e["coherence"]), "-" if cap is None else f"{cap:.0%}")
-    Console(stderr=True).print(table)
+    console(stderr=True).print(table)
 
 
 def demo_cmd(
@@ -137,6 +145,7 @@ def demo_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
 ) -> None:
     """The README's first command: extract a trait on the packaged model, choose a layer, steer both ways, report."""
+    run_folder(out, "--out")
     if quick:
         if engine != "hf":
             raise PersonavecError("--quick runs on transformers only; drop --engine")
@@ -176,7 +185,6 @@ def demo_cmd(
 def _print_examples(judged: Path, coefs: list[float], trait: str, layer: int) -> None:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     rows = [json.loads(line) for line in judged.read_text().splitlines() if line.strip()]
@@ -187,11 +195,10 @@ def _print_examples(judged: Path, coefs: list[float], trait: str, layer: int) ->
     for question in list(dict.fromkeys(r["question"] for r in rows))[:3]:
         table.add_row(question, *[next((r["answer"] for r in rows if r["question"] == question and r["coef"] == c), "")
                                   for c in coefs])
-    Console().print(table)
+    console().print(table)
 
 
 def _quick_demo(out: Path, force: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from ..models import load_model
@@ -205,7 +212,7 @@ def _quick_demo(out: Path, force: bool) -> None:
         table.add_column(column, overflow="fold")
     for p in DEMO_PROMPTS:
         table.add_row(p, *[next(r["answer"] for r in result.rows if r["prompt"] == p and r["coef"] == c) for c in (-coef, 0.0, coef)])
-    Console().print(table)
+    console().print(table)
     print(f"report: {result.out / 'report.html'}")
 
 

@@ -10,6 +10,7 @@ import typer
 
 from ..errors import PersonavecError
 from ..judge import DEFAULT_LOCAL_JUDGE
+from .common import console, log, output_file, positive_int
 
 JUDGE_HELP = "local:<model> (short name, hub id or folder), openai:<model> (OPENAI_BASE_URL/OPENAI_API_KEY) or none."
 
@@ -37,16 +38,22 @@ def judge_cmd(
     input: Path = typer.Option(..., "--input", help="Chat JSONL; the last assistant message of each chat is scored."),
     output: Path = typer.Option(..., "--output", help="The same lines with \"judge\": {trait_score, coherence} added."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache file (default: the personavec cache)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch for a local judge."),
-    concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests for an API judge."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch for a local judge.",
+                                   callback=positive_int),
+    concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests for an API judge.",
+                                    callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 (local judge)."),
 ) -> None:
-    """Score each chat's last answer for a trait and for coherence (0-100, or null when the judge cannot)."""
+    """Score each chat's last answer for a trait and for coherence (0-100, or null when the judge cannot).
+
+    A chat whose judge prompt is longer than a local judge's context is not judged: null scores and "skipped".
+    """
     from ..chat import read_chats, write_jsonl
     from ..judge import judge_answers
     from ..progress import progress_bar
     from ..traits import load_trait
 
+    output_file(output, "--output")
     trait_obj = load_trait(trait)
     records = read_chats(input, require_response=True)
     items = [(_question(r), r.response) for r in records]
@@ -60,7 +67,12 @@ def judge_cmd(
     # Written only now, atomically: a killed run leaves no output that looks complete (the cache keeps its work).
     write_jsonl(output, ({**r.to_json(), "judge": s} for r, s in zip(records, scores)))
     unscored = sum(s["trait_score"] is None for s in scores)
-    print(f"judged {len(records)} answers ({stats['calls']} new judge calls, {stats['cache_hits']} cached; "
+    skipped = [r.where for r, s in zip(records, scores) if "skipped" in s]
+    if skipped:
+        why = next(s["skipped"] for s in scores if "skipped" in s)
+        log(f"skipped {len(skipped)} of {len(records)} chats, {why}: {', '.join(skipped[:10])}"
+            + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
+    print(f"judged {len(records) - len(skipped)} answers ({stats['calls']} new judge calls, {stats['cache_hits']} cached; "
           f"{unscored} without a trait score) -> {output}", file=sys.stderr)
 
 
@@ -69,17 +81,19 @@ def judge_check_cmd(
     traits: Optional[str] = typer.Option(None, "--traits", help="Comma-separated trait names (default: all)."),
     save: Optional[Path] = typer.Option(None, "--save", help="Write the thresholds and AUROCs as JSON."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache file (default: the personavec cache)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch for a local judge."),
-    concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests for an API judge."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch for a local judge.",
+                                   callback=positive_int),
+    concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests for an API judge.",
+                                    callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 (local judge)."),
 ) -> None:
     """Run a judge on the built-in calibration set: AUROC, score ranges and a threshold per trait."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..calibration import MIN_AUROC, calibrate, calibration_items, write_calibration
     from ..progress import progress_bar
 
+    output_file(save, "--save")
     names = [t.strip() for t in traits.split(",") if t.strip()] if traits else None
     n_items = len(calibration_items(names))  # checks the trait names before a model is loaded
     scorer = _open_judge(judge, cache, batch_size, concurrency, dtype)
@@ -101,8 +115,7 @@ def judge_check_cmd(
         bad = s["auroc"] is None or s["auroc"] < MIN_AUROC
         table.add_row(name, f"[red]{fmt(s['auroc'], '.2f')}[/]" if bad else fmt(s["auroc"], ".2f"),
                       span(s["pos_range"]), span(s["neg_range"]), fmt(s["threshold"]), f"{s['n_unscored']}/{s['n']}")
-    console = Console() if Console().is_terminal else Console(width=120)
-    console.print(table)
+    console().print(table)
     if save:
         write_calibration(save, result)
         print(f"saved: {save}", file=sys.stderr)

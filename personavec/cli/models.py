@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .common import log
+from .common import console, log
 
 models_app = typer.Typer(no_args_is_help=True, help="Packaged offline models.")
 
@@ -12,7 +12,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Packaged offline models.")
 @models_app.command("list")
 def models_list() -> None:
     """Show the packaged short names, their sizes and whether each is cached."""
-    from rich.console import Console
     from rich.table import Table
 
     from ..models import PACKAGED, converted_path, is_cached
@@ -23,7 +22,7 @@ def models_list() -> None:
         size = sum(f.stat().st_size for f in converted_path(name).glob("*")) // 2**20 if cached else spec.approx_mb
         table.add_row(name, spec.title, f"{size} MB" + ("" if cached else " (approx)"), spec.license,
                       str(converted_path(name)) if cached else "no")
-    Console().print(table)
+    console().print(table)
 
 
 @models_app.command("pull")

@@ -9,29 +9,36 @@ from typing import Optional
 import typer
 
 from ..pipeline.finetune import DEFAULT_TARGETS
-from .common import log
+from .common import (finite_float, fraction, log, non_negative_float, non_negative_int, positive_float,
+                     positive_int, run_folder)
 
 
 def finetune_cmd(
     model: str = typer.Option(..., "--model", help="packaged short name, hub id or local folder"),
     data: Path = typer.Option(..., "--data", help="chat JSONL; the loss is on each chat's final assistant message"),
     out: Path = typer.Option(..., "--out", help="run folder; the adapter goes to OUT/adapter"),
-    rank: int = typer.Option(16, "--rank", help="LoRA rank"),
-    alpha: int = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / rank)"),
-    dropout: float = typer.Option(0.0, "--dropout", help="LoRA dropout"),
-    target_modules: str = typer.Option(DEFAULT_TARGETS, "--target-modules", help="comma-separated, or all-linear"),
-    learning_rate: float = typer.Option(2e-4, "--learning-rate", "--lr"),
-    epochs: int = typer.Option(1, "--epochs"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    grad_accum: int = typer.Option(2, "--grad-accum", help="micro-batches per optimiser step"),
-    max_length: int = typer.Option(512, "--max-length", help="skip chats with more tokens"),
-    warmup_steps: int = typer.Option(5, "--warmup-steps"),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank", callback=positive_int),
+    alpha: int = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / rank)", callback=positive_int),
+    dropout: float = typer.Option(0.0, "--dropout", help="LoRA dropout", callback=fraction),
+    # The default is in the help text, with spaces: typer cannot wrap the comma-joined list and cut it off.
+    target_modules: str = typer.Option(DEFAULT_TARGETS, "--target-modules", show_default=False,
+                                       help="comma-separated module names, or all-linear (default: "
+                                            + ", ".join(DEFAULT_TARGETS.split(",")) + ")"),
+    learning_rate: float = typer.Option(2e-4, "--learning-rate", "--lr", callback=positive_float),
+    epochs: int = typer.Option(1, "--epochs", callback=positive_int),
+    batch_size: int = typer.Option(4, "--batch-size", callback=positive_int),
+    grad_accum: int = typer.Option(2, "--grad-accum", help="micro-batches per optimiser step", callback=positive_int),
+    max_length: int = typer.Option(512, "--max-length", help="skip chats with more tokens", callback=positive_int),
+    warmup_steps: int = typer.Option(5, "--warmup-steps", callback=non_negative_int),
     seed: int = typer.Option(0, "--seed"),
-    checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="optimiser steps between checkpoints"),
+    checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="optimiser steps between checkpoints",
+                                         callback=positive_int),
     steer: Optional[Path] = typer.Option(None, "--steer", help="preventative steering: vector added during training"),
     ablate: Optional[Path] = typer.Option(None, "--ablate", help="CAFT: direction projected out during training"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="layer to steer/ablate (default: the vector file's)"),
-    coef: Optional[float] = typer.Option(None, "--coef", help="steering coefficient (with --steer)"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="layer to steer/ablate (default: the vector file's)",
+                                        callback=non_negative_int),
+    coef: Optional[float] = typer.Option(None, "--coef", help="steering coefficient (with --steer)",
+                                         callback=finite_float),
     coef_mode: Optional[str] = typer.Option(None, "--coef-mode", help="raw | norm (default: the vector file's)"),
     steer_layers: str = typer.Option("one", "--steer-layers", help="one | all (layer-incremental vectors, raw coef)"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where supported) | bf16 | fp32"),
@@ -50,6 +57,7 @@ def finetune_cmd(
                          steer=str(steer) if steer else None, ablate=str(ablate) if ablate else None, layer=layer,
                          coef=coef, coef_mode=coef_mode, steer_layers=steer_layers)
     cfg.check()  # flag errors before any file or model is read
+    run_folder(out, "--out")
     records = read_chats(data, require_response=True)
     vector = PersonaVector.load(steer or ablate) if (steer or ablate) else None
     lm, tokenizer = load_model(model, dtype=dtype)
@@ -66,13 +74,16 @@ def gate_cmd(
     traits: str = typer.Option(..., "--traits", help="comma-separated trait names"),
     vectors: Path = typer.Option(..., "--vectors", help="folder with TRAIT.safetensors (or extract-TRAIT/ runs)"),
     max_shift: Optional[float] = typer.Option(None, "--max-shift",
-                                              help="limit on shift / vector length at the vector's layer, e.g. 0.1"),
+                                              help="limit on shift / vector length at the vector's layer, e.g. 0.1",
+                                              callback=non_negative_float),
     judge_spec: str = typer.Option("none", "--judge", help="local:MODEL | openai:MODEL | none"),
     max_score_increase: Optional[float] = typer.Option(None, "--max-score-increase",
-                                                       help="limit on the judged trait score's rise (points)"),
-    questions: Optional[int] = typer.Option(None, "--questions", help="first N evaluation questions per trait"),
+                                                       help="limit on the judged trait score's rise (points)",
+                                                       callback=finite_float),
+    questions: Optional[int] = typer.Option(None, "--questions", help="first N evaluation questions per trait",
+                                            callback=positive_int),
     out: Path = typer.Option(Path("runs/gate"), "--out", help="run folder (report.html, gate.json)"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
@@ -84,6 +95,7 @@ def gate_cmd(
 
     limits = GateLimits(max_shift=max_shift, max_score_increase=max_score_increase)
     limits.check(judge_spec != "none")
+    run_folder(out, "--out")
     names = [t.strip() for t in traits.split(",") if t.strip()]
     judge = make_judge(judge_spec)
     base_model, tokenizer = load_model(base, dtype=dtype)

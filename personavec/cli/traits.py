@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from personavec.traits import list_traits, load_trait
+
+from .common import console, output_file, positive_int
 
 traits_app = typer.Typer(help="Built-in and user trait artifacts.", no_args_is_help=True)
 
@@ -23,11 +24,7 @@ def list_cmd() -> None:
     for name in list_traits():
         t = load_trait(name)
         table.add_row(t.name, t.adjective, t.description)
-    console = Console()
-    if not console.is_terminal:
-        # Pipes and test runners report 80 columns; a wide page keeps each row on one line for grep.
-        console = Console(width=200)
-    console.print(table)
+    console().print(table)  # into a pipe: one whole row per line, for grep
 
 
 @traits_app.command("show")
@@ -48,7 +45,8 @@ def new_cmd(
                                     "anthropic:<model> (ANTHROPIC_API_KEY)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Trait file to write (default ./NAME.json)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
-    attempts: int = typer.Option(3, "--attempts", help="Requests per part before a fallback or an error."),
+    attempts: int = typer.Option(3, "--attempts", help="Requests per part before a fallback or an error.",
+                                 callback=positive_int),
     seed: int = typer.Option(0, "--seed", help="Base seed for the author's sampling."),
     dtype: str = typer.Option("auto", "--dtype", help="local authors: auto | bf16 | fp32"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
@@ -59,7 +57,7 @@ def new_cmd(
     """
     from personavec.authoring import write_trait
 
-    path = out if out is not None else Path(f"{name}.json")
+    path = output_file(out if out is not None else Path(f"{name}.json"), "--out")
     trait = write_trait(name, description, author, path, force=force, attempts=attempts, seed=seed,
                         log=lambda m: print(f"personavec: {m}", file=sys.stderr, flush=True), dtype=dtype,
                         trust_remote_code=trust_remote_code)

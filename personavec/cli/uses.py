@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import load_engine_model, log
+from .common import (finite_float, fraction, load_engine_model, log, non_negative_int, output_file, positive_int,
+                     run_folder, vector_layer)
 
 VECTOR_HELP = ".safetensors vector file (or .gguf / .pt)"
 LAYER_HELP = "layer to read (default: the layer recorded in the vector file)"
@@ -45,47 +46,60 @@ def _trait_for(vector, trait_name: Optional[str]):
 def monitor_cmd(
     model: str = typer.Option(..., "--model", help="packaged short name, hub id or local folder"),
     vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
-    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP),
+    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
     input_path: Optional[Path] = typer.Option(None, "--input", help="chat JSONL to score"),
     output: Optional[Path] = typer.Option(None, "--output", help="the same lines with \"persona\" added"),
     position: str = typer.Option("prompt_last", "--position",
                                  help="prompt_last (before answering) | prompt_avg | response_avg"),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="mark lines whose projection is above it"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="mark lines whose projection is above it",
+                                              callback=finite_float),
     scores: Optional[str] = typer.Option(None, "--scores", help="numeric field (dotted path) to correlate with"),
-    top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary"),
+    top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary (0: none)", callback=non_negative_int),
     study: Optional[str] = typer.Option(None, "--study", help="system-prompts | many-shot: the paper's experiment"),
     trait_name: Optional[str] = typer.Option(None, "--trait", help="--study: trait (default: the vector's)"),
     judge_spec: str = typer.Option("none", "--judge", help="--study: local:MODEL | openai:MODEL | none"),
     shots: str = typer.Option("0,1,2,4,8", "--shots", help="--study many-shot: prefix sizes"),
-    questions: Optional[int] = typer.Option(None, "--questions", help="--study: first N evaluation questions"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--study: answer length"),
+    questions: Optional[int] = typer.Option(None, "--questions", help="--study: first N evaluation questions",
+                                            callback=positive_int),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--study: answer length", callback=positive_int),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: <output>_run; --study: required)"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="skip longer chats (default: model context)"),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="skip longer chats (default: model context)",
+                                             callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force", help="--study: overwrite a folder that holds a different run"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
+                                             callback=positive_int),
 ) -> None:
     """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
     from ..vectors import PersonaVector
 
-    vector = PersonaVector.load(vector_path)
     if study is not None:
+        run_folder(out, "--out")
+        vector = PersonaVector.load(vector_path)
         return _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions,
                       max_new_tokens, out, batch_size, dtype, force, engine, tensor_parallel_size)
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
-    from ..chat import read_chats, write_jsonl
+    from ..chat import check_responses, read_chats, write_jsonl
     from ..pipeline.monitor import monitor_chats, monitor_summary, numeric_field, write_monitor_report
     from ..runs import RunDir
 
+    output_file(output, "--output")
+    run_folder(_record_dir(output, out), "--out")
+    vector = PersonaVector.load(vector_path)
     records = read_chats(input_path)
+    if position == "response_avg":  # before the model is loaded and the run folder written
+        check_responses(records, "--position response_avg averages the answer's tokens")
     score_values = [numeric_field(r, scores) for r in records] if scores else None
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+    layer = vector_layer(vector, lm, layer)
+    # The run folder is locked from here until the command ends: a second monitor into it is refused, so the
+    # output and the run folder always come from one run.
     run = RunDir.replace(_record_dir(output, out), {
         "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
-        "layer": vector.check_layer(layer), "position": position, "threshold": threshold, "scores": scores})
-    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+        "layer": layer, "position": position, "threshold": threshold, "scores": scores})
     rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
     write_jsonl(output, rows)
     summary = monitor_summary(rows, top_k, threshold, score_values)
@@ -141,20 +155,24 @@ def screen_cmd(
     vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
     data: Path = typer.Option(..., "--data", help="training chat JSONL; the last assistant message is the answer"),
     output: Path = typer.Option(..., "--output", help="the same lines with \"persona\" scores added"),
-    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP),
+    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
     approx: bool = typer.Option(False, "--approx", help="no base-model generation: answer minus last prompt token"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="length of the base model's greedy answers"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="length of the base model's greedy answers",
+                                       callback=positive_int),
     drop_top: Optional[float] = typer.Option(None, "--drop-top", help="write <output>.kept.jsonl without the top "
-                                             "fraction, e.g. 0.1"),
-    keep_below: Optional[float] = typer.Option(None, "--keep-below", help="write <output>.kept.jsonl with scores < X"),
+                                             "fraction, e.g. 0.1", callback=fraction),
+    keep_below: Optional[float] = typer.Option(None, "--keep-below", help="write <output>.kept.jsonl with scores < X",
+                                               callback=finite_float),
     labels: Optional[str] = typer.Option(None, "--labels", help="0/1 field: print AUROC of each score against it"),
-    top_k: int = typer.Option(10, "--top-k"),
+    top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary (0: none)", callback=non_negative_int),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: <output>_run)"),
-    batch_size: int = typer.Option(16, "--batch-size"),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="skip longer chats (default: model context)"),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="skip longer chats (default: model context)",
+                                             callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
+                                             callback=positive_int),
 ) -> None:
     """Score training data by projection difference (the paper's ΔP) to find samples that push a trait."""
     from ..chat import read_chats
@@ -163,6 +181,10 @@ def screen_cmd(
 
     if drop_top is not None and keep_below is not None:
         raise PersonavecError("use either --drop-top or --keep-below, not both")
+    output_file(output, "--output")
+    if drop_top is not None or keep_below is not None:
+        output_file(output.with_name(output.stem + ".kept.jsonl"), "--output")
+    run_folder(_record_dir(output, out), "--out")
     vector = PersonaVector.load(vector_path)
     records = read_chats(data, require_response=True)
     cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
@@ -191,13 +213,14 @@ def shift_cmd(
     vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
     trait_name: Optional[str] = typer.Option(None, "--trait", help="evaluation questions (default: the vector's trait)"),
     judge_spec: str = typer.Option("none", "--judge", help="local:MODEL | openai:MODEL | none"),
-    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP),
-    questions: Optional[int] = typer.Option(None, "--questions", help="first N evaluation questions"),
+    layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
+    questions: Optional[int] = typer.Option(None, "--questions", help="first N evaluation questions",
+                                            callback=positive_int),
     prompt_only: bool = typer.Option(False, "--prompt-only", help="skip the response-mean shift (no generation "
                                      "unless a judge is given)"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", callback=positive_int),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/shift-<finetuned>-<trait>)"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
     engine: str = typer.Option("hf", "--engine", help="hf only: shift holds two models at once"),
@@ -216,7 +239,7 @@ def shift_cmd(
     cfg = ShiftConfig(base=base, finetuned=finetuned, vector=str(vector_path), trait=trait.name, judge=judge_spec,
                       layer=layer, questions=questions, responses=not prompt_only, max_new_tokens=max_new_tokens,
                       batch_size=batch_size)
-    out = out or Path("runs") / f"shift-{Path(finetuned.rstrip('/')).name}-{trait.name}"
+    out = run_folder(out or Path("runs") / f"shift-{Path(finetuned.rstrip('/')).name}-{trait.name}", "--out")
     judge = make_judge(judge_spec)
     lm, tokenizer = load_model(base, dtype=dtype)
     s = run_shift(cfg, trait, vector, lm, tokenizer, judge, out, force=force, dtype=dtype)

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import load_engine_model, log
+from .common import (finite_float, load_engine_model, log, non_negative_float, non_negative_int, output_file,
+                     positive_int, vector_layer)
 
 
 def vector_cmd(
@@ -18,72 +19,112 @@ def vector_cmd(
     out: Path = typer.Option(..., "--out", help="output .safetensors"),
     position: str = typer.Option("response_avg", "--position", help="response_avg | prompt_avg | prompt_last"),
     trait: str = typer.Option("", "--trait", help="trait name recorded in the file"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where the CPU/GPU supports it) | bf16 | fp32"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
-    """A persona vector from your own contrastive chats (no generation, no judge)."""
+    """A persona vector from your own contrastive chats (no generation, no judge).
+
+    Chats longer than the model's context are skipped and listed; they are neither in the mean nor in the counts.
+    """
     from ..models import load_model
     from ..pipeline.contrast import contrastive_vector, read_contrast_files
 
+    output_file(out, "--out")
     pos_records, neg_records = read_contrast_files(str(pos), str(neg), position)
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    vector, _ = contrastive_vector(lm, tokenizer, [r.messages for r in pos_records], [r.messages for r in neg_records],
-                                   position=position, trait=trait, batch_size=batch_size)
+    vector, _ = contrastive_vector(lm, tokenizer, pos_records, neg_records, position=position, trait=trait,
+                                   batch_size=batch_size)
     vector.model = model
     vector.save(out)
-    log(f"wrote {out}: {vector.n_layers + 1} layers x {vector.hidden}, {vector.n_pos} pos / {vector.n_neg} neg, "
-        f"recommended layer {vector.layer}")
+    skipped = vector.extra.get("skipped", {})
+    note = "".join(f", {len(v)} {side} skipped" for side, v in skipped.items())
+    log(f"wrote {out}: {vector.n_layers + 1} layers x {vector.hidden}, {vector.n_pos} pos / {vector.n_neg} neg"
+        f"{note}, recommended layer {vector.layer}")
 
 
 def steer_cmd(
     model: str = typer.Option(..., "--model"),
     vector_path: Path = typer.Option(..., "--vector", help=".safetensors (or .gguf / .pt) vector file"),
-    coef: float = typer.Option(..., "--coef", help="steering strength; negative suppresses the trait"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="default: the layer recorded in the vector file"),
+    coef: float = typer.Option(..., "--coef", help="steering strength; negative suppresses the trait",
+                               callback=finite_float),
+    layer: Optional[int] = typer.Option(None, "--layer", help="default: the layer recorded in the vector file",
+                                        callback=non_negative_int),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="one user message; prints only the answer"),
     system: Optional[str] = typer.Option(None, "--system", help="system message for --prompt / interactive chat"),
     input_path: Optional[Path] = typer.Option(None, "--input", help="chat JSONL to answer (the chats are the prompts)"),
-    output_path: Optional[Path] = typer.Option(None, "--output", help="where --input answers go"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    output_path: Optional[Path] = typer.Option(None, "--output", help="where --input answers go (chats whose prompt "
+                                               "is longer than the model's context get no answer and \"skipped\")"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", callback=positive_int),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy", callback=non_negative_float),
     coef_mode: Optional[str] = typer.Option(None, "--coef-mode", help="raw: coef * v[L]; norm: coef * typical activation "
                                             "norm along v (default: the mode recorded in the vector file)"),
     positions: str = typer.Option("all", "--position", help="all | prompt | response"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
+                                             callback=positive_int),
 ) -> None:
     """Answer with a persona vector added at one layer."""
-    from ..chat import read_chats, user_chat, write_jsonl
-    from ..generate import generate
+    from ..chat import read_chats, user_chat
+    from ..generate import generate, over_context
     from ..vectors import PersonaVector
 
     if (input_path is None) != (output_path is None):
         raise PersonavecError("--input and --output go together")
     if prompt is not None and input_path is not None:
         raise PersonavecError("use either --prompt or --input, not both")
+    output_file(output_path, "--output")
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path) if input_path else None
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size, trust_remote_code)
-    layer = vector.check_layer(layer)
+    layer = vector_layer(vector, lm, layer)
     coef_mode = coef_mode or vector.coef_mode
     handle = vector.apply(lm, layer=layer, coef=coef, positions=positions, coef_mode=coef_mode)
     log(f"steering {vector.trait or 'vector'} at layer {layer}, coef {coef} ({coef_mode})")
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     with handle:
         if prompt is not None:
-            print(generate(lm, tokenizer, [user_chat(prompt, system)], show_progress=False, **kwargs)[0])
+            chat = user_chat(prompt, system)
+            if over_context(lm, tokenizer, [chat]):
+                raise PersonavecError(f"--prompt is longer than the model's context ({lm.context_length} tokens)")
+            print(generate(lm, tokenizer, [chat], show_progress=False, **kwargs)[0])
         elif records is not None:
-            answers = generate(lm, tokenizer, [r.prompt for r in records], **kwargs)
-            steer_info = {"trait": vector.trait, "layer": layer, "coef": coef, "coef_mode": coef_mode}
-            write_jsonl(output_path, ({**r.fields, "messages": r.prompt + [{"role": "assistant", "content": a}],
-                                       "steering": steer_info} for r, a in zip(records, answers)))
-            log(f"wrote {len(answers)} answers to {output_path}")
+            _answer_file(lm, tokenizer, records, output_path, kwargs,
+                         {"trait": vector.trait, "layer": layer, "coef": coef, "coef_mode": coef_mode})
         else:
             _interactive(lm, tokenizer, system, kwargs)
+
+
+def _answer_file(lm, tokenizer, records, output_path: Path, kwargs: dict, steer_info: dict) -> None:
+    """Answer every chat of `--input`; a chat whose prompt is longer than the model's context is not generated
+    (it would run far past what the model knows, for minutes): its line keeps only the prompt, with
+    `"steering": {..., "skipped": why}`, so output line i still belongs to input line i."""
+    from ..chat import write_jsonl
+    from ..generate import generate, over_context
+
+    prompts = [r.prompt for r in records]
+    skipped = set(over_context(lm, tokenizer, prompts))
+    todo = [i for i in range(len(records)) if i not in skipped]
+    answers = dict(zip(todo, generate(lm, tokenizer, [prompts[i] for i in todo], **kwargs))) if todo else {}
+    limit = getattr(lm, "context_length", None)
+    why = f"prompt longer than the model's context ({limit} tokens)"
+
+    def row(i: int) -> dict:
+        r = records[i]
+        if i in skipped:
+            return {**r.fields, "messages": r.prompt, "steering": {**steer_info, "skipped": why}}
+        return {**r.fields, "messages": r.prompt + [{"role": "assistant", "content": answers[i]}],
+                "steering": steer_info}
+
+    write_jsonl(output_path, (row(i) for i in range(len(records))))
+    if skipped:
+        where = [records[i].where for i in sorted(skipped)]
+        log(f"skipped {len(skipped)} of {len(records)} chats, {why}: {', '.join(where[:10])}"
+            + (f" and {len(where) - 10} more" if len(where) > 10 else ""))
+    log(f"wrote {len(answers)} answers to {output_path}" + (f" ({len(skipped)} lines without one)" if skipped else ""))
 
 
 def _interactive(lm, tokenizer, system, kwargs) -> None:
@@ -107,23 +148,30 @@ def _interactive(lm, tokenizer, system, kwargs) -> None:
 def export_cmd(
     vector_path: Path = typer.Option(..., "--vector"),
     fmt: str = typer.Option(..., "--format", help="gguf (llama.cpp control vector) | pt (the paper's layout)"),
-    out: Path = typer.Option(..., "--out"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="gguf: export only this layer (default: all of 2..n)"),
+    out: Path = typer.Option(..., "--out", help="the file to write; its suffix, if .gguf, .pt or .safetensors, must "
+                                                "match --format"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="gguf: export only this layer (default: all of 2..n)",
+                                        callback=non_negative_int),
     position: str = typer.Option("response_avg", "--position"),
 ) -> None:
     """Convert a vector file for llama.cpp (GGUF) or for the paper's scripts (.pt)."""
     from ..vectors import PersonaVector, llama_cpp_index
 
+    if fmt not in ("gguf", "pt"):
+        raise PersonavecError(f"--format {fmt!r}: use gguf or pt")
+    suffix = out.suffix.lower()
+    if suffix in (".gguf", ".pt", ".safetensors") and suffix != f".{fmt}":
+        raise PersonavecError(f"--out {out}: a {suffix} file name for --format {fmt}; name it *.{fmt} (personavec "
+                              "reads vector files by their suffix)")
+    output_file(out, "--out")
     vector = PersonaVector.load(vector_path)
     if fmt == "gguf":
         vector.export_gguf(out, layers=None if layer is None else [layer], position=position)
         hint = f" (llama.cpp: --control-vector-scaled {out} COEF --control-vector-layer-range {llama_cpp_index(layer)} {llama_cpp_index(layer)})" if layer else ""
         log(f"wrote {out}{hint}")
-    elif fmt == "pt":
+    else:
         vector.export_pt(out, position=position)
         log(f"wrote {out}")
-    else:
-        raise PersonavecError(f"--format {fmt!r}: use gguf or pt")
 
 
 def register(app: typer.Typer) -> None:

@@ -59,10 +59,26 @@ def judge_answers(judge: Judge, trait, items: Sequence[tuple[str, str]], coheren
 
     `trait` is a :class:`personavec.traits.Trait` (its rubric) or None for coherence only.
     `progress(n)` is called as judge calls finish (2 per item with coherence).
+    An item whose judge prompt does not fit the judge's context is not judged: both scores are None and
+    ``"skipped"`` says why.
     """
     trait_prompts = [trait.rubric_prompt(q, a) for q, a in items] if trait is not None else []
     coherence_prompts = [coherence_prompt(q, a) for q, a in items] if coherence else []
-    scores = judge.score(trait_prompts + coherence_prompts, progress=progress)
-    t_scores = scores[: len(trait_prompts)] or [None] * len(items)
-    c_scores = scores[len(trait_prompts):] or [None] * len(items)
-    return [{"trait_score": t, "coherence": c} for t, c in zip(t_scores, c_scores)]
+    per_item = list(zip(*(p for p in (trait_prompts, coherence_prompts) if p))) or [()] * len(items)
+    too_long = getattr(judge, "too_long", lambda prompt: False)  # judges written elsewhere may not have it
+    skipped = {i for i, prompts in enumerate(per_item) if any(too_long(p) for p in prompts)}
+    keep = [i for i in range(len(items)) if i not in skipped]
+    kept_trait = [trait_prompts[i] for i in keep] if trait_prompts else []
+    kept_coherence = [coherence_prompts[i] for i in keep] if coherence_prompts else []
+    if skipped and progress:
+        progress(len(skipped) * len(per_item[0]))
+    scores = judge.score(kept_trait + kept_coherence, progress=progress) if keep else []
+    t_scores = dict(zip(keep, scores[: len(kept_trait)])) if kept_trait else {}
+    c_scores = dict(zip(keep, scores[len(kept_trait):])) if kept_coherence else {}
+    results = []
+    for i in range(len(items)):
+        result = {"trait_score": t_scores.get(i), "coherence": c_scores.get(i)}
+        if i in skipped:
+            result["skipped"] = f"longer than the judge's context ({judge.context_length()} tokens)"
+        results.append(result)
+    return results

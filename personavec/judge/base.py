@@ -114,6 +114,15 @@ class Judge:
     def _compute(self, prompts: list[str], done: Callable[[str, dict], None]) -> None:
         raise NotImplementedError
 
+    def context_length(self) -> int | None:
+        """The longest judge prompt (in the judge's tokens) this judge can read, when known (local judges)."""
+        return None
+
+    def too_long(self, prompt: str) -> bool:
+        """True when `prompt` does not fit the judge's context: it is not judged (no score) instead of running
+        the judge far past its context, for minutes and to no use."""
+        return False
+
     def close(self) -> None:
         self.cache.close()
 

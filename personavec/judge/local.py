@@ -141,6 +141,14 @@ class LocalJudge(Judge):
         self.trie = _NumberTrie(tokenizer)
         self.continues = _continues_number(tokenizer, model.get_output_embeddings().weight.shape[0])
 
+    def context_length(self) -> int | None:
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+
+    def too_long(self, prompt: str) -> bool:
+        limit = self.context_length()
+        # the number's tokens follow the prompt: the deepest trie level must fit as well
+        return bool(limit) and len(self.prompt_ids(prompt)) + self.trie.max_depth > limit
+
     def prompt_ids(self, prompt: str) -> list[int]:
         from ..chat import prompt_text
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PersonavecError
+from ..errors import PersonavecError, arg
 
 # Where decoder blocks live, as attribute paths from the top-level causal LM.
 _BLOCK_PATHS = (
@@ -35,7 +35,7 @@ def _get_path(root, path: str):
 def unwrap(model) -> torch.nn.Module:
     """The transformers model itself: peft wraps it, and its base model keeps the usual layout."""
     if not isinstance(model, torch.nn.Module):  # e.g. a vLLM backend: its layers live in its own workers
-        raise PersonavecError(f"this step needs the transformers model, not {type(model).__name__}; use --engine hf for it")
+        raise PersonavecError(f"this step needs the transformers model, not {type(model).__name__}; use {arg('engine', 'hf')} for it")
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

@@ -6,13 +6,14 @@ the small built-in contrastive set, then show steered answers both ways.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from ..activations import capture
-from ..chat import ChatRecord, read_chats, user_chat, write_jsonl
-from ..errors import PersonavecError
+from ..chat import ChatRecord, check_responses, read_chats, user_chat, write_jsonl
+from ..errors import PersonavecError, arg
 from ..generate import generate
 from ..backends import as_backend
 from ..report import figure_html, layer_plot, table_html, write_report
@@ -37,15 +38,39 @@ def middle_layers(total: int) -> list[int]:
     return list(range(low, high + 1))
 
 
-def contrastive_vector(model, tokenizer, pos: list[list[dict]], neg: list[list[dict]], position: str = "response_avg",
+def contrastive_vector(model, tokenizer, pos: list, neg: list, position: str = "response_avg",
                        trait: str = "", batch_size: int = 16, show_progress: bool = True) -> tuple[PersonaVector, list[float]]:
-    """Mean-difference vectors at every layer, with a recommended layer by pos/neg separation (middle half)."""
+    """Mean-difference vectors at every layer, with a recommended layer by pos/neg separation (middle half).
+
+    `pos` and `neg` are chats (message lists) or `ChatRecord`s (then messages name their file and line). Chats
+    longer than the model's context are skipped with a warning that lists them: they are neither in the means nor
+    in `n_pos` / `n_neg`, and `extra["skipped"]` records them. A side left with no chat is an error.
+    """
     if position not in VECTOR_POSITIONS:
-        raise PersonavecError(f"--position {position!r}: use one of {', '.join(VECTOR_POSITIONS)}")
+        raise PersonavecError(f"{arg('position', repr(position))}: use one of {', '.join(VECTOR_POSITIONS)}")
     positions = VECTOR_POSITIONS if position == "response_avg" else ("prompt_avg", "prompt_last")
-    pos_acts = capture(model, tokenizer, pos, positions=positions, batch_size=batch_size, show_progress=show_progress)
-    neg_acts = capture(model, tokenizer, neg, positions=positions, batch_size=batch_size, show_progress=show_progress)
+    acts, skipped = {}, {}
+    for side, chats in (("pos", pos), ("neg", neg)):
+        if not chats:
+            raise PersonavecError(f"{arg(side)}: no chats given")
+        messages = [c.messages if isinstance(c, ChatRecord) else c for c in chats]
+        captured = capture(model, tokenizer, messages, positions=positions, batch_size=batch_size,
+                           show_progress=show_progress)
+        if captured.skipped:
+            labels = [chats[i].where if isinstance(chats[i], ChatRecord) else f"#{i + 1}" for i in captured.skipped]
+            limit = as_backend(model).context_length
+            listing = ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+            if len(labels) == len(chats):
+                raise PersonavecError(f"every {side} chat is longer than the model's context ({limit} tokens): "
+                                      f"{listing}; nothing is left to average")
+            warnings.warn(f"skipped {len(labels)} of {len(chats)} {side} chats longer than the model's context "
+                          f"({limit} tokens), not in the mean: {listing}", stacklevel=2)
+            skipped[side] = labels
+        acts[side] = captured.kept()
+    pos_acts, neg_acts = acts["pos"], acts["neg"]
     vector = PersonaVector.from_activations(pos_acts, neg_acts, model=model, trait=trait)
+    if skipped:
+        vector.extra["skipped"] = skipped
     if position != "response_avg":
         vector.vectors, vector.position = vector.at(position), position
     seps = separation_by_layer(vector, pos_acts, neg_acts, position)
@@ -57,7 +82,11 @@ def contrastive_vector(model, tokenizer, pos: list[list[dict]], neg: list[list[d
 
 def read_contrast_files(pos_path: str, neg_path: str, position: str) -> tuple[list[ChatRecord], list[ChatRecord]]:
     need_response = position == "response_avg"
-    return read_chats(pos_path, require_response=need_response), read_chats(neg_path, require_response=need_response)
+    pos, neg = read_chats(pos_path, require_response=need_response), read_chats(neg_path, require_response=need_response)
+    if need_response:
+        for records in (pos, neg):
+            check_responses(records, "response_avg averages the answer's tokens")
+    return pos, neg
 
 
 # -- the demo ------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 from ..activations import capture
 from ..chat import user_chat, write_jsonl
-from ..errors import PersonavecError
+from ..errors import PersonavecError, arg
 from ..backends import as_backend
 from ..progress import progress_bar
 from ..runs import RunDir, config_dict
@@ -58,6 +58,11 @@ class ExtractConfig:
 
 def extraction_items(trait: Trait, n_questions: int | None, samples: int) -> list[dict]:
     """Every (polarity, instruction, question, sample) with its pair id and system prompt."""
+    if n_questions is not None and n_questions < 1:
+        raise PersonavecError(f"{arg('questions', n_questions)}: give at least 1 (or None for all "
+                              f"{len(trait.extract_questions)})")
+    if samples < 1:
+        raise PersonavecError(f"{arg('samples_per_question', samples)}: give at least 1")
     questions = trait.extract_questions[: n_questions or len(trait.extract_questions)]
     items = []
     for i in range(len(trait.instructions)):
@@ -163,6 +168,16 @@ def default_candidates(total: int, count: int = 5) -> list[int]:
     return sorted({middle[round(k * step)] for k in range(count)})
 
 
+def check_candidate_layers(layers: list[int], total: int) -> list[int]:
+    """Steering layers for the sweep: 1..total (0 is the embedding output, and names the unsteered baseline)."""
+    bad = [layer for layer in layers if not 1 <= layer <= total]
+    if bad or not layers:
+        raise PersonavecError(f"{arg('candidate_layers', ','.join(map(str, bad or layers)), flag='--layers')}: "
+                              f"candidate layers must lie in 1..{total} (this model's blocks; 0 is the embedding "
+                              "output)")
+    return sorted(set(layers))
+
+
 def layer_sweep(run: RunDir, model, tokenizer, vector: PersonaVector, trait: Trait, judge, cfg: ExtractConfig,
                 candidates: list[int]) -> list[dict]:
     """Answers to held-out eval questions steered at each candidate layer (coef 0 = baseline), judged."""
@@ -212,9 +227,12 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
                 judge_calibration: dict | None = None) -> ExtractResult:
     from ..report import figure_html, layer_plot, table_html, write_report
 
+    total = as_backend(model).n_layers
+    candidates = check_candidate_layers(cfg.candidate_layers, total) if cfg.candidate_layers else \
+        default_candidates(total)
+    items = extraction_items(trait, cfg.questions, cfg.samples_per_question)  # checks the counts
     run = RunDir(out, {"command": "extract", **cfg.as_config()}, force=force, resume_keys=cfg.resume_keys)
     torch.manual_seed(cfg.seed)
-    items = extraction_items(trait, cfg.questions, cfg.samples_per_question)
     rows = generate_missing(run, "responses.jsonl", model, tokenizer, items, lambda it: item_chat(it, False), cfg)
     judged = judge is not None
     judge_rows(judge, trait, rows)
@@ -223,15 +241,12 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
     if not pos:
         raise explain_empty(counts, cfg)
 
-    pos_acts = capture(model, tokenizer, [item_chat(r) for r in pos], batch_size=cfg.batch_size)
-    neg_acts = capture(model, tokenizer, [item_chat(r) for r in neg], batch_size=cfg.batch_size)
+    # Answers longer than the context are skipped (kept() drops their rows) and not counted in n_pos / n_neg.
+    pos_acts = capture(model, tokenizer, [item_chat(r) for r in pos], batch_size=cfg.batch_size).kept()
+    neg_acts = capture(model, tokenizer, [item_chat(r) for r in neg], batch_size=cfg.batch_size).kept()
     vector = PersonaVector.from_activations(pos_acts, neg_acts, model=model, trait=trait.name, counts=counts)
     vector.model = cfg.model
     separations = separation_by_layer(vector, pos_acts, neg_acts)
-    total = as_backend(model).n_layers
-    candidates = cfg.candidate_layers or default_candidates(total)
-    for layer in candidates:
-        vector.check_layer(layer)
 
     sweep_table: list[dict] = []
     if judged:
@@ -250,7 +265,7 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
 
     summary = {"trait": trait.name, "model": cfg.model, "judge": cfg.judge, "judged": judged, "layer": layer,
                "coef": cfg.sweep_coef, "coef_mode": "norm", "layer_method": method, "counts": counts,
-               "n_pos": len(pos), "n_neg": len(neg), "separation_by_layer": separations, "layer_sweep": sweep_table,
+               "n_pos": vector.n_pos, "n_neg": vector.n_neg, "separation_by_layer": separations, "layer_sweep": sweep_table,
                "judge_calibration": judge_calibration}
     if not judged:
         summary["note"] = "--judge none: every answer was kept unfiltered and the layer was chosen by separation"

@@ -28,7 +28,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..chat import ChatRecord, encode_chat
-from ..errors import PersonavecError
+from ..errors import PersonavecError, arg
 from ..models import decoder_stack, model_fingerprint, n_layers
 from ..progress import progress_bar
 from ..report import figure_html, table_html, write_report
@@ -69,22 +69,29 @@ class FinetuneConfig:
 
     def check(self) -> None:
         if self.steer and self.ablate:
-            raise PersonavecError("use either --steer or --ablate, not both")
+            raise PersonavecError(f"use either {arg('steer')} or {arg('ablate')}, not both")
         if self.coef is not None and not self.steer:
-            raise PersonavecError("--coef needs --steer (the vector to add during training)")
+            raise PersonavecError(f"{arg('coef')} needs {arg('steer')} (the vector to add during training)")
         if self.steer and self.coef is None:
-            raise PersonavecError("--steer needs --coef")
+            raise PersonavecError(f"{arg('steer')} needs {arg('coef')}")
+        if self.coef is not None and not math.isfinite(self.coef):
+            raise PersonavecError(f"{arg('coef', self.coef)}: must be a finite number")
         if self.steer_layers not in ("one", "all"):
-            raise PersonavecError(f"--steer-layers {self.steer_layers!r}: use one or all")
+            raise PersonavecError(f"{arg('steer_layers', repr(self.steer_layers))}: use one or all")
         if self.steer_layers == "all" and not self.steer:
-            raise PersonavecError("--steer-layers all needs --steer")
+            raise PersonavecError(f"{arg('steer_layers', 'all')} needs {arg('steer')}")
         if self.steer_layers == "all" and self.coef_mode not in (None, "raw"):
-            raise PersonavecError("--steer-layers all adds raw layer-incremental vectors; --coef-mode must be raw")
+            raise PersonavecError(f"{arg('steer_layers', 'all')} adds raw layer-incremental vectors; "
+                                  f"{arg('coef_mode')} must be raw")
         for name in ("rank", "alpha", "epochs", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise PersonavecError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.learning_rate > 0:
-            raise PersonavecError("--learning-rate must be positive")
+                raise PersonavecError(f"{arg(name, getattr(self, name))}: must be at least 1")
+        if self.warmup_steps < 0:
+            raise PersonavecError(f"{arg('warmup_steps', self.warmup_steps)}: must be 0 or more")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise PersonavecError(f"{arg('learning_rate', self.learning_rate)}: must be a finite number > 0")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise PersonavecError(f"{arg('dropout', self.dropout)}: must be a fraction in [0, 1)")
 
     def as_config(self) -> dict:
         return config_dict(self, command="finetune")
@@ -110,7 +117,7 @@ def training_examples(tokenizer, records: list[ChatRecord], max_length: int) -> 
             continue
         examples.append(Example(encoded.input_ids, encoded.prompt_len))
     if not examples:
-        raise PersonavecError(f"no chat fits --max-length {max_length}; nothing to train on")
+        raise PersonavecError(f"no chat fits {arg('max_length', max_length)}; nothing to train on")
     return examples, skipped
 
 
@@ -194,7 +201,7 @@ def run_finetune(cfg: FinetuneConfig, records: list[ChatRecord], model, tokenize
 
     cfg.check()
     if (cfg.steer or cfg.ablate) and vector is None:
-        raise PersonavecError("--steer/--ablate: the vector was not given")
+        raise PersonavecError(f"{arg('steer')}/{arg('ablate')}: the vector was not given")
     base_fingerprint = model_fingerprint(model)
     edit = training_edit(model, cfg, vector)  # a wrong vector or layer fails before any work
     examples, skipped = training_examples(tokenizer, records, cfg.max_length)  # bad data fails before any file
@@ -210,7 +217,7 @@ def run_finetune(cfg: FinetuneConfig, records: list[ChatRecord], model, tokenize
         peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                                       target_modules=targets, task_type="CAUSAL_LM"))
     except ValueError as exc:
-        raise PersonavecError(f"--target-modules {cfg.target_modules!r}: {str(exc).splitlines()[0]}") from None
+        raise PersonavecError(f"{arg('target_modules', repr(cfg.target_modules))}: {str(exc).splitlines()[0]}") from None
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     for p in trainable:  # adapters train in fp32 even when the frozen base is bf16
         p.data = p.data.float()

@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..chat import ChatRecord, user_chat, write_jsonl
-from ..errors import PersonavecError
+from ..chat import ChatRecord, check_responses, user_chat, write_jsonl
+from ..errors import PersonavecError, arg
 from ..report import figure_html, number, table_html, write_report
 from ..runs import RunDir, config_dict
 from ..traits import Trait
@@ -34,7 +34,7 @@ def numeric_field(record: ChatRecord, path: str) -> float:
     value = record.fields
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise PersonavecError(f"{record.where}: no field {path!r} (needed by --scores)")
+            raise PersonavecError(f"{record.where}: no field {path!r} (needed by {arg('scores')})")
         value = value[part]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PersonavecError(f"{record.where}: field {path!r} is {value!r}, not a number")
@@ -50,13 +50,14 @@ def monitor_chats(model, tokenizer, records: list[ChatRecord], vector: PersonaVe
     With `threshold`, `"flagged"` says whether the projection is above it.
     """
     if position not in MONITOR_POSITIONS:
-        raise PersonavecError(f"--position {position!r}: use {', '.join(MONITOR_POSITIONS)}")
+        raise PersonavecError(f"{arg('position', repr(position))}: use {', '.join(MONITOR_POSITIONS)}")
     vector.check_model(model)
     layer = vector.check_layer(layer)
     if position == "response_avg":
         missing = next((r for r in records if not r.has_response), None)
         if missing is not None:
-            raise PersonavecError(f"{missing.where}: --position response_avg needs a final assistant message")
+            raise PersonavecError(f"{missing.where}: {arg('position', 'response_avg')} needs a final assistant message")
+        check_responses(records, f"{arg('position', 'response_avg')} averages the answer's tokens")
     scores = project_chats(model, tokenizer, [r.messages for r in records], vector, layer, (position,),
                            batch_size=batch_size, max_length=max_length, show_progress=show_progress)[position]
     rows = []
@@ -176,7 +177,7 @@ def study_items(cfg: StudyConfig, trait: Trait, shots: list[tuple[str, str]] | N
                               "messages": user_chat(question, system(q))})
     elif cfg.study == "many-shot":
         if shots is None or len(shots) < max(cfg.shots):
-            raise PersonavecError(f"--shots needs {max(cfg.shots)} examples, only {len(shots or [])} are available")
+            raise PersonavecError(f"{arg('shots')} needs {max(cfg.shots)} examples, only {len(shots or [])} are available")
         for level, k in enumerate(sorted(set(cfg.shots))):
             prefix = [m for question, answer in shots[:k] for m in user_chat(question)
                       + [{"role": "assistant", "content": answer}]]
@@ -184,7 +185,7 @@ def study_items(cfg: StudyConfig, trait: Trait, shots: list[tuple[str, str]] | N
                 items.append({"id": f"shots{k}-q{q}", "condition": f"{k}-shot", "level": level, "question": question,
                               "messages": prefix + user_chat(question)})
     else:
-        raise PersonavecError(f"--study {cfg.study!r}: use {' or '.join(STUDIES)}")
+        raise PersonavecError(f"{arg('study', repr(cfg.study))}: use {' or '.join(STUDIES)}")
     return items
 
 

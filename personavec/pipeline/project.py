@@ -35,6 +35,7 @@ def project_chats(model, tokenizer, chats: list[list[dict]], vector: PersonaVect
     whichever token positions are read. Chats longer than `max_length` tokens
     (default: the model's context) are skipped with a warning and get `nan`.
     """
+    vector.check_nonzero(layer)
     acts = capture(model, tokenizer, chats, layers=[layer], positions=positions, batch_size=batch_size,
                    max_length=max_length, show_progress=show_progress)
     direction = vector.vectors[layer]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..cache import SqliteCache, cache_dir
 from ..chat import ChatRecord, prompt_text, write_jsonl
-from ..errors import PersonavecError
+from ..errors import PersonavecError, arg
 from ..backends import as_backend
 from ..report import figure_html, number, table_html, write_report
 from ..runs import RunDir, config_dict
@@ -146,7 +146,7 @@ def read_labels(records: list[ChatRecord], name: str) -> list[int]:
     for record in records:
         value = record.fields.get(name)
         if value not in (0, 1):
-            raise PersonavecError(f"{record.where}: --labels field {name!r} is {value!r}; it must be 0 or 1")
+            raise PersonavecError(f"{record.where}: label field {name!r} is {value!r}; it must be 0 or 1")
         labels.append(int(value))
     return labels
 
@@ -158,7 +158,7 @@ def select_rows(personas: list[dict], rank_by: str, drop_top: float | None = Non
     scored = [i for i, p in enumerate(personas) if p.get(rank_by) is not None]
     if drop_top is not None:
         if not 0 <= drop_top < 1:
-            raise PersonavecError(f"--drop-top {drop_top}: give a fraction in [0, 1), e.g. 0.1 for the top 10%")
+            raise PersonavecError(f"{arg('drop_top', drop_top)}: give a fraction in [0, 1), e.g. 0.1 for the top 10%")
         n_drop = round(drop_top * len(scored))
         dropped = set(sorted(scored, key=lambda i: -personas[i][rank_by])[:n_drop])
         return [i for i in scored if i not in dropped]
@@ -198,8 +198,9 @@ def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVect
                keep_below: float | None = None, top_k: int = 20, cache: BaseAnswerCache | None = None) -> dict:
     """Score, write the scored JSONL (and the filtered one), the run folder's summary and report."""
     if drop_top is not None and keep_below is not None:
-        raise PersonavecError("use either --drop-top or --keep-below, not both")
+        raise PersonavecError(f"use either {arg('drop_top')} or {arg('keep_below')}, not both")
     labels = read_labels(records, labels_field) if labels_field else None
+    vector.check_model(model)  # a vector for another model says so before anything about its layer
     layer = vector.check_layer(cfg.layer)
     run = RunDir.replace(run_dir, {**cfg.as_config(), "layer": layer, "labels": labels_field,
                                    "drop_top": drop_top, "keep_below": keep_below})

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..activations import capture
-from ..chat import user_chat, write_jsonl
+from ..chat import read_text, user_chat, write_jsonl
 from ..errors import PersonavecError
 from ..models import load_model, model_fingerprint, resolve
 from ..report import figure_html, table_html, write_report
@@ -84,6 +84,16 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise PersonavecError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise PersonavecError(f"{path}: expected a JSON object")
+    return data
+
+
 def attach_adapter(base_model, adapter_dir: str | Path, base_spec: str):
     """Load a peft adapter onto `base_model` (in place), refusing one made for another base model."""
     from peft import PeftModel
@@ -91,12 +101,12 @@ def attach_adapter(base_model, adapter_dir: str | Path, base_spec: str):
     adapter_dir = Path(adapter_dir)
     meta_path = adapter_dir / ADAPTER_META
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = _read_json(meta_path)
         if meta.get("base_fingerprint") and meta["base_fingerprint"] != model_fingerprint(base_model):
             raise PersonavecError(f"{adapter_dir}: adapter was trained on {meta.get('base_model', 'another model')!r}, "
                                   f"not on --base {base_spec} (model fingerprints differ)")
     else:
-        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        recorded = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
         if recorded and recorded not in (base_spec, resolve(base_spec)):
             warnings.warn(f"{adapter_dir}: adapter records base model {recorded!r}, loading it on {base_spec!r}",
                           stacklevel=2)
