@@ -315,3 +315,19 @@ def test_guard_rules_parse_and_refuse_nonsense():
                 "evil>1:flag=3", "evil>1:explode"):
         with pytest.raises(PersonavecError, match="guard"):
             parse_guard(bad)
+
+
+def test_service_refuses_vectors_it_cannot_serve(served):
+    from personavec.serve.service import PersonaService
+
+    backend, vector = served["backend"], served["vector"]
+    unnamed = type(vector)(vectors=vector.vectors, layer=vector.layer)
+    with pytest.raises(PersonavecError, match="records no trait name"):
+        PersonaService(backend, [unnamed])
+    no_layer = type(vector)(vectors=vector.vectors, trait="optimistic")
+    with pytest.raises(PersonavecError, match="records no layer"):
+        PersonaService(backend, [no_layer])
+    with pytest.raises(PersonavecError, match="given twice"):
+        PersonaService(backend, [vector, vector])
+    with pytest.raises(PersonavecError, match="unknown trait 'evil'"):
+        PersonaService(backend, [vector], [parse_guard("evil>1:flag")])

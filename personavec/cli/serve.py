@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import load_engine_model, log
+from .common import load_engine_model, log, output_file, positive_float, positive_int
 
 
 def _is_loopback(host: str) -> bool:
@@ -38,12 +38,12 @@ def serve_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp32"),
     engine: str = typer.Option("hf", "--engine", help="hf (vllm is not served yet)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
-    max_batch: int = typer.Option(32, "--max-batch", help="requests batched together at most"),
-    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", help="how long the first request of a batch "
+    max_batch: int = typer.Option(32, "--max-batch", callback=positive_int, help="requests batched together at most"),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", callback=positive_float, help="how long the first request of a batch "
                                           "waits for others"),
-    max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", help="the most max_tokens a request may ask"),
-    default_max_tokens: int = typer.Option(256, "--default-max-tokens", help="max_tokens when a request gives none"),
-    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="larger request bodies get 413"),
+    max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", callback=positive_int, help="the most max_tokens a request may ask"),
+    default_max_tokens: int = typer.Option(256, "--default-max-tokens", callback=positive_int, help="max_tokens when a request gives none"),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", callback=positive_int, help="larger request bodies get 413"),
 ) -> None:
     """An OpenAI-compatible server that steers per request, reads each answer's persona, and guards it."""
     from ..serve.app import INSTALL_HINT, Limits, RequestLog
@@ -56,10 +56,9 @@ def serve_cmd(
         raise PersonavecError(INSTALL_HINT) from None
     if not _is_loopback(host) and not api_key and not insecure:
         raise PersonavecError(f"--host {host} is reachable from other machines: pass --api-key KEY (or --insecure)")
-    for flag, value in (("--port", port), ("--max-batch", max_batch), ("--max-tokens-limit", max_tokens_limit),
-                        ("--default-max-tokens", default_max_tokens), ("--max-body-bytes", max_body_bytes)):
-        if value < 1 or (flag == "--port" and value > 65535):
-            raise PersonavecError(f"{flag} {value}: must be a positive number" + (" up to 65535" if flag == "--port" else ""))
+    if not 1 <= port <= 65535:
+        raise PersonavecError(f"--port {port}: use 1..65535")
+    output_file(log_path, "--log")
     if default_max_tokens > max_tokens_limit:
         raise PersonavecError("--default-max-tokens must not exceed --max-tokens-limit")
     if engine == "vllm":

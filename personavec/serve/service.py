@@ -88,6 +88,9 @@ class PersonaService:
             if name in self.traits:
                 raise PersonavecError(f"{vector.label}: trait {name!r} is given twice")
             vector.check_model(backend)
+            if vector.layer is None:
+                raise PersonavecError(f"{vector.label}: records no layer to read and steer at; set one "
+                                      "(vector.layer = L, then save) or make the file with `personavec vector`")
             layer = vector.check_layer(None)
             if layer == 0:
                 raise PersonavecError(f"{vector.label}: layer 0 (the embeddings) cannot be read while serving")
