@@ -123,3 +123,94 @@ def test_position_modes_follow_the_transformers_meaning(engines):
         reference = generate(model, tok, prompts, max_new_tokens=TOKENS, show_progress=False)
     assert sum(a != b for a, b in zip(ours, plain)) >= len(prompts) // 2
     assert sum(a.split()[:6] == b.split()[:6] for a, b in zip(ours, reference)) >= len(prompts) * 3 // 4
+
+
+# -- serve --engine vllm: the same server on vLLM's continuous batching ------------------------------------------
+
+@pytest.fixture(scope="module")
+def served_vllm(engines):
+    pytest.importorskip("fastapi")
+    from test_serve import Server
+
+    from personavec.serve.app import create_app
+    from personavec.serve.service import PersonaService
+
+    _, _, engine, vector = engines
+    service = PersonaService(engine, [vector], model_name="smollm2-135m")
+    server = Server(create_app(service))
+    yield server, service
+    server.stop()
+    service.close()
+
+
+def _ask(server, content, max_tokens=TOKENS, **persona):
+    return server.client().chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0,
+        extra_body={"persona": persona} if persona else None)
+
+
+def test_vllm_server_readings_and_answers_match_the_library(engines, served_vllm):
+    from personavec.chat import ChatRecord
+    from personavec.generate import generate
+    from personavec.pipeline.monitor import monitor_chats
+
+    model, tok, engine, vector = engines
+    server, _ = served_vllm
+    prompt = PROMPTS[0]
+    reply = _ask(server, prompt, monitor=["optimistic"])
+    expected = monitor_chats(model, tok, [ChatRecord(messages=[{"role": "user", "content": prompt}])], vector,
+                             show_progress=False)[0]["persona"]["projection"]
+    got = reply.model_extra["persona"]["prompt"]["optimistic"]["projection"]
+    assert got == pytest.approx(expected, rel=0.02, abs=0.02)  # vLLM's kernels against transformers, fp32
+    assert reply.choices[0].message.content == generate(engine, tok, chats()[:1], max_new_tokens=TOKENS,
+                                                        show_progress=False)[0]
+    steered = _ask(server, prompt, steer={"optimistic": 0.5}, coef_mode="norm")
+    with vector.apply(engine, coef=0.5, coef_mode="norm"):
+        alone = generate(engine, tok, chats()[:1], max_new_tokens=TOKENS, show_progress=False)[0]
+    assert steered.choices[0].message.content == alone != reply.choices[0].message.content
+    response = reply.model_extra["persona"]["response"]["optimistic"]
+    assert response["projection"] is not None and response["tokens"] >= 1
+
+
+def test_vllm_server_concurrent_mixed_steering_equals_single_requests(served_vllm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, _ = served_vllm
+    requests = [(PROMPTS[i % len(PROMPTS)], [None, 0.5, -0.5][i % 3]) for i in range(24)]
+
+    def one(item):
+        prompt, coef = item
+        persona = {"steer": {"optimistic": coef}, "coef_mode": "norm"} if coef is not None else {}
+        return _ask(server, prompt, **persona).choices[0].message.content
+
+    alone = {item: one(item) for item in dict.fromkeys(requests)}
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(one, requests, timeout=300))
+    assert together == [alone[item] for item in requests]
+
+
+def test_vllm_server_stream_cap_and_guards(served_vllm):
+    server, service = served_vllm
+    client = server.client()
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=TOKENS,
+                                           temperature=0, extra_body={"persona": {"tokens": True}})
+    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=TOKENS,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert "persona" in chunks[-1].model_extra
+    free = _ask(server, PROMPTS[1], steer={"optimistic": 1.0}, coef_mode="norm", tokens=True).model_extra["persona"]
+    readings = [t["projections"]["optimistic"] for t in free["tokens"][1:]]
+    cap = sorted(readings)[len(readings) // 2]
+    assert max(readings) > cap + 1e-3
+    capped = _ask(server, PROMPTS[1], steer={"optimistic": 1.0}, coef_mode="norm", tokens=True,
+                  guard=[f"optimistic:cap={cap}"]).model_extra["persona"]
+    assert max(t["projections"]["optimistic"] for t in capped["tokens"][1:]) <= cap + 1e-3
+    plain = whole.choices[0].message.content
+    fires = _ask(server, PROMPTS[1], guard=["optimistic>-1e9:steer=1.0"], coef_mode="norm")
+    quiet = _ask(server, PROMPTS[1], guard=["optimistic>1e9:steer=1.0"], coef_mode="norm")
+    assert quiet.choices[0].message.content == plain and quiet.model_extra["persona"]["actions"] == []
+    assert fires.choices[0].message.content != plain
+    assert fires.model_extra["persona"]["actions"][0]["action"] == "steer"
+    # every steering the server added is dropped again once its requests finish
+    assert not service._stepper._users

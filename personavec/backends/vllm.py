@@ -21,7 +21,9 @@ steered states between requests); the engine sets all three and checks them.
 
 from __future__ import annotations
 
+import itertools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,6 +82,11 @@ class WorkerExtension:
         self._pv_positions: dict[str, str] = {}
         self._pv_capture: dict | None = None
         self._pv_plan = None
+        self._pv_specs: dict[str, dict] = {}  # served steerings by name (the server adds and drops them)
+        self._pv_call_specs: dict[str, dict] = {}  # the steerings of the running `generate` call
+        self._pv_units: dict[int, torch.Tensor] = {}  # layer -> [K_L, hidden] unit vectors to read along
+        self._pv_reads: dict[str, dict] = {}  # request key -> readings, caps and guard state
+        self._pv_dirty = False  # guards fired: rebuild the tables before the next step
         original = runner._model_forward
 
         def model_forward(*args, **kwargs):
@@ -101,7 +108,12 @@ class WorkerExtension:
 
     # -- control ------------------------------------------------------------------
     def personavec_set_steering(self, specs: dict[str, dict]) -> None:
-        """`specs[name] = {"positions": str, "deltas": {layer: list[float]}}`; replaces the previous set."""
+        """`specs[name] = {"positions": str, "deltas": {layer: list[float]}}` for the next `generate` call; replaces
+        the previous call's set (the server's own steerings stay)."""
+        self._pv_call_specs = dict(specs)
+        self._personavec_build_tables({**self._pv_specs, **self._pv_call_specs})
+
+    def _personavec_build_tables(self, specs: dict[str, dict]) -> None:
         param = next(self._pv_blocks.parameters())
         hidden = self.model_runner.model_config.get_hidden_size()
         self._pv_spec_rows = {name: row + 1 for row, name in enumerate(specs)}
@@ -115,6 +127,43 @@ class WorkerExtension:
                 tables[layer][self._pv_spec_rows[name]] = torch.tensor(values, dtype=torch.float32).to(
                     param.device, param.dtype)
         self._pv_tables = tables
+
+    def personavec_add_steering(self, specs: dict[str, dict]) -> None:
+        """Add named steerings to those served (rows are renumbered between steps; plans look rows up by name)."""
+        self._pv_specs.update(specs)
+        self._personavec_build_tables({**self._pv_specs, **self._pv_call_specs})
+
+    def personavec_drop_steering(self, names: list[str]) -> None:
+        for name in names:
+            self._pv_specs.pop(name, None)
+        self._personavec_build_tables({**self._pv_specs, **self._pv_call_specs})
+
+    def personavec_set_units(self, units: dict[int, list[list[float]]]) -> int:
+        """The unit vectors every reading request is projected on; columns run layer by layer, in layer order."""
+        self._pv_units = {int(layer): torch.tensor(rows, dtype=torch.float32) for layer, rows in units.items()}
+        return sum(u.shape[0] for u in self._pv_units.values())
+
+    def personavec_take_readings(self, keys: list[str]) -> dict:
+        """Per key: the last prompt token's readings, each fed-back token's (by position), and the guards that fired."""
+        out, drop = {}, []
+        for key in keys:
+            state = self._pv_reads.pop(key, None)
+            if state is None:
+                continue
+            layers = sorted(self._pv_units)
+
+            def row(parts):
+                return torch.cat([parts[layer] for layer in layers]).numpy().tobytes() if all(
+                    layer in parts for layer in layers) else None
+
+            out[key] = {"prompt": row(state["prompt"]),
+                        "tokens": {int(pos): row(parts) for pos, parts in sorted(state["tokens"].items())},
+                        "fired": state["fired"]}
+            if state.get("guard_spec"):
+                drop.append(state["guard_spec"])
+        if drop:
+            self.personavec_drop_steering(drop)
+        return out
 
     def personavec_start_capture(self, layers: list[int], prompt_lens: dict[str, int]) -> None:
         """Accumulate, per request key: response-token sum, prompt-token sum and the last prompt token, in fp32."""
@@ -132,7 +181,9 @@ class WorkerExtension:
     def _personavec_plan(self):
         """Per scheduled request: its token rows, the absolute position of the first, its prompt length, and the
         steering row / capture key it asked for. None when nothing asked for anything."""
-        if not self._pv_spec_rows and self._pv_capture is None:
+        if self._pv_dirty:
+            self._personavec_materialize_guards()
+        if not self._pv_spec_rows and self._pv_capture is None and not self._pv_units:
             return None
         runner = self.model_runner
         batch = runner.input_batch
@@ -145,10 +196,15 @@ class WorkerExtension:
             mine = extra.get(EXTRA_KEY) or {}
             if not mine:
                 continue
+            read = mine.get("read")
+            if read and read not in self._pv_reads:
+                self._pv_reads[read] = {"prompt": {}, "tokens": {}, "fired": [], "guards": mine.get("guards") or [],
+                                        "caps": {int(c): float(x) for c, x in (mine.get("caps") or {}).items()},
+                                        "guard_spec": None}
             plan.append({"rows": (int(starts[i]), int(starts[i + 1])),
                          "start": int(batch.num_computed_tokens_cpu[i]),
                          "prompt_tokens": int(batch.num_prompt_tokens[i]),
-                         "steer": mine.get("steer"), "capture": mine.get("capture")})
+                         "steer": mine.get("steer"), "capture": mine.get("capture"), "read": read})
         if not plan:
             return None
         total = int(starts[n])
@@ -165,17 +221,85 @@ class WorkerExtension:
                 lo, hi = {"all": (a, b), "prompt": (a, min(b, boundary)), "response": (min(b, boundary), b)}[mode]
                 index[lo:hi] = row
             index = index.to(next(self._pv_blocks.parameters()).device)
-        return {"plan": plan, "index": index, "total": total}
+        guard_index = None
+        fired = [(p, self._pv_reads[p["read"]]["guard_spec"]) for p in plan
+                 if p["read"] and self._pv_reads[p["read"]]["guard_spec"] in self._pv_spec_rows]
+        if fired:  # a guard decided after the prefill: its steering on the request's response tokens
+            guard_index = torch.zeros(total, dtype=torch.long)
+            for p, name in fired:
+                a, b = p["rows"]
+                boundary = a + max(0, p["prompt_tokens"] - p["start"])
+                guard_index[min(b, boundary):b] = self._pv_spec_rows[name]
+            guard_index = guard_index.to(next(self._pv_blocks.parameters()).device)
+        return {"plan": plan, "index": index, "guard_index": guard_index, "total": total}
+
+    def _personavec_materialize_guards(self) -> None:
+        """Between steps: one steering per request whose guards fired (the sum of their steerings)."""
+        self._pv_dirty = False
+        new = {}
+        for key, state in self._pv_reads.items():
+            if state["fired"] and state["guard_spec"] is None:
+                names = [g["steer"] for g in state["guards"] if g["index"] in state["fired"]]
+                deltas: dict[int, list[float]] = {}
+                for name in names:
+                    for layer, values in self._pv_specs[name]["deltas"].items():
+                        old = deltas.get(int(layer))
+                        deltas[int(layer)] = values if old is None else [x + y for x, y in zip(old, values)]
+                state["guard_spec"] = f"{key}/guards"
+                new[state["guard_spec"]] = {"positions": "response", "deltas": deltas}
+        if new:
+            self.personavec_add_steering(new)
 
     def _personavec_steer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         table = self._pv_tables.get(layer)
         step = self._pv_plan
-        if table is None or step is None or step["index"] is None:
+        if table is None or step is None:
             return hidden
-        index = step["index"]
-        if hidden.shape[0] > index.shape[0]:  # padded rows past the last request get nothing
-            index = torch.cat([index, index.new_zeros(hidden.shape[0] - index.shape[0])])
-        return hidden + table[index[: hidden.shape[0]]]
+        for name in ("index", "guard_index"):
+            index = step.get(name)
+            if index is None:
+                continue
+            if hidden.shape[0] > index.shape[0]:  # padded rows past the last request get nothing
+                index = torch.cat([index, index.new_zeros(hidden.shape[0] - index.shape[0])])
+            hidden = hidden + table[index[: hidden.shape[0]]]
+        return hidden
+
+    def _personavec_read(self, layer: int, hidden: torch.Tensor, residual, normed: bool = False) -> torch.Tensor:
+        """Caps on decode rows, then readings along the units at `layer`, for the requests that asked; returns the
+        (possibly capped) hidden output."""
+        units = self._pv_units.get(layer)
+        step = self._pv_plan
+        if units is None or step is None or not self._pv_reads:
+            return hidden
+        offset = sum(u.shape[0] for la, u in self._pv_units.items() if la < layer)
+        for p in step["plan"]:
+            state = self._pv_reads.get(p["read"]) if p["read"] else None
+            if state is None:
+                continue
+            a, b = p["rows"]
+            positions = range(p["start"], p["start"] + (b - a))
+            stream = hidden[a:b].float() + (0 if residual is None or normed else residual[a:b].float())
+            units_here = units.to(stream.device)
+            caps = [(k, state["caps"][offset + k]) for k in range(units.shape[0]) if offset + k in state["caps"]]
+            if caps and not normed:
+                decode = torch.tensor([pos >= p["prompt_tokens"] for pos in positions], device=stream.device)
+                for k, limit in caps:
+                    excess = ((stream @ units_here[k]) - limit).clamp(min=0) * decode
+                    change = excess.unsqueeze(-1) * units_here[k]
+                    stream = stream - change
+                    hidden[a:b] = hidden[a:b] - change.to(hidden.dtype)
+            projections = (stream @ units_here.T).cpu()
+            for j, pos in enumerate(positions):
+                if pos == p["prompt_tokens"] - 1:
+                    state["prompt"][layer] = projections[j]
+                    for g in state["guards"]:
+                        if g["column"] - offset in range(units.shape[0]) and float(
+                                projections[j, g["column"] - offset]) > g["threshold"]:
+                            state["fired"].append(g["index"])
+                            self._pv_dirty = True
+                elif pos >= p["prompt_tokens"]:
+                    state["tokens"].setdefault(pos, {})[layer] = projections[j]
+        return hidden
 
     def _personavec_record(self, layer: int, stream_fn) -> None:
         capture, step = self._pv_capture, self._pv_plan
@@ -232,6 +356,7 @@ class WorkerExtension:
             hidden, residual = output if isinstance(output, tuple) else (output, None)
             hidden = self._personavec_steer(layer, hidden)
             if not last or self._pv_norm is None:
+                hidden = self._personavec_read(layer, hidden, residual)
                 self._personavec_record(layer, lambda: hidden.float() + (0 if residual is None else residual.float()))
             return (hidden, residual) if isinstance(output, tuple) else hidden
         return hook
@@ -239,6 +364,7 @@ class WorkerExtension:
     def _personavec_norm_hook(self, module, args, output):
         normed = output[0] if isinstance(output, tuple) else output
         self._personavec_record(len(self._pv_blocks), lambda: normed.float().clone())
+        self._personavec_read(len(self._pv_blocks), normed, None, normed=True)
 
 
 def _find_layers(model) -> torch.nn.ModuleList:
@@ -334,6 +460,10 @@ class VllmBackend(Backend):
         if self._fingerprint is None:  # reads every weight file once
             self._fingerprint = folder_fingerprint(self.path, self.config, self.n_blocks)
         return self._fingerprint
+
+    def stepper(self, units: dict[int, torch.Tensor]) -> VllmStepper:
+        """Continuous batching with per-request steering, readings, caps and guards (the persona server)."""
+        return VllmStepper(self, units)
 
     # -- steering -------------------------------------------------------------------
     def steer(self, deltas: dict[int, torch.Tensor], positions: str = "all") -> "EngineSteeringHandle":
@@ -463,6 +593,109 @@ class VllmBackend(Backend):
                 norms[i, j] = (acc["norm_response"] / max(acc["n_response"], 1) if with_response
                                else acc["norm_prompt"] / max(acc["n_prompt"], 1))
         return out, norms
+
+
+@dataclass
+class StepOutput:
+    key: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+
+
+class VllmStepper:
+    """Continuous batching for the server: requests join and leave the running batch between engine steps.
+
+    Each request may carry its own steering, caps along the read units, and guards that steer its response when
+    its last prompt token reads above a threshold. Readings are taken inside the workers from the same forward
+    passes and fetched once per finished request."""
+
+    def __init__(self, backend: "VllmBackend", units: dict[int, torch.Tensor]):
+        self.backend, self.llm = backend, backend.llm
+        self.engine = backend.llm.llm_engine
+        self.layers = sorted(units)
+        self.width = self.llm.collective_rpc(
+            "personavec_set_units", args=({int(layer): units[layer].float().tolist() for layer in self.layers},))[0]
+        self._counter = itertools.count()
+        self._names: dict[tuple, str] = {}  # steering key -> served name
+        self._users: dict[str, int] = {}  # served name -> live requests using it
+        self._uses: dict[str, list[str]] = {}  # request key -> names it holds
+        self._prompt_lens: dict[str, int] = {}  # live requests of this stepper
+
+    def _name(self, steering: Steering, key: str) -> str:
+        steering_key = steering.key()
+        name = self._names.get(steering_key)
+        if name is None:
+            name = self._names[steering_key] = f"srv{next(self._counter)}"
+            self.llm.collective_rpc("personavec_add_steering", args=({name: {
+                "positions": steering.positions,
+                "deltas": {int(layer): d.float().tolist() for layer, d in steering.deltas.items()}}},))
+        self._users[name] = self._users.get(name, 0) + 1
+        self._uses.setdefault(key, []).append(name)
+        return name
+
+    def add(self, key: str, chat: list[dict], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+            seed: int | None = None, stop: list[str] | None = None, steering: Steering | None = None,
+            caps: dict[int, float] | None = None, guards: list[tuple[int, float, Steering]] | None = None) -> int:
+        """Queue one request; returns its prompt length in tokens. `guards` are (column, threshold, steering)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = self.backend.tokenizer(prompt_text(self.backend.tokenizer, chat), add_special_tokens=False)["input_ids"]
+        mine: dict = {"read": key}
+        if steering is not None and steering.deltas:
+            check_steering(self.backend.n_layers, steering.deltas, steering.positions)
+            mine["steer"] = self._name(steering, key)
+        if caps:
+            mine["caps"] = {int(c): float(x) for c, x in caps.items()}
+        if guards:
+            mine["guards"] = [{"index": i, "column": int(c), "threshold": float(t), "steer": self._name(st, key)}
+                              for i, (c, t, st) in enumerate(guards)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature if temperature > 0 else 0.0,
+                                top_p=top_p if temperature > 0 else 1.0, seed=seed, stop=stop or None,
+                                extra_args={EXTRA_KEY: mine}, skip_special_tokens=True)
+        self.engine.add_request(key, TokensPrompt(prompt_token_ids=ids), params)
+        self._prompt_lens[key] = len(ids)
+        return len(ids)
+
+    def step(self) -> list[StepOutput]:
+        outputs = []
+        for out in self.engine.step():
+            completion = out.outputs[0]
+            outputs.append(StepOutput(out.request_id, list(completion.token_ids), completion.text, out.finished,
+                                      completion.finish_reason))
+        return outputs
+
+    @property
+    def busy(self) -> bool:
+        """Requests of this stepper are running (the engine's other callers are not counted: the server owns
+        the engine while it serves, and only steps it for its own requests)."""
+        return bool(self._prompt_lens)
+
+    def abort(self, key: str) -> None:
+        self.engine.abort_request([key])
+        self.finish([key])
+
+    def finish(self, keys: list[str]) -> dict[str, dict]:
+        """Readings of finished requests (and release of their steerings): prompt [K], tokens {position: [K]}."""
+        raw = self.llm.collective_rpc("personavec_take_readings", args=(list(keys),))[0]
+        drop = []
+        for key in keys:
+            for name in self._uses.pop(key, []):
+                self._users[name] -= 1
+                if self._users[name] == 0:
+                    drop.append(name)
+                    del self._users[name]
+                    self._names = {k: v for k, v in self._names.items() if v != name}
+        if drop:
+            self.llm.collective_rpc("personavec_drop_steering", args=(drop,))
+        out = {}
+        for key, value in raw.items():
+            vec = lambda b: None if b is None else torch.from_numpy(np.frombuffer(b, dtype=np.float32).copy())  # noqa: E731
+            out[key] = {"prompt": vec(value["prompt"]), "tokens": {pos: vec(b) for pos, b in value["tokens"].items()},
+                        "fired": value["fired"], "prompt_len": self._prompt_lens.pop(key, None)}
+        return out
 
 
 class EngineSteeringHandle:

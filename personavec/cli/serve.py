@@ -36,7 +36,7 @@ def serve_cmd(
     log_path: Optional[Path] = typer.Option(None, "--log", help="append one JSON line per request (readings, actions)"),
     log_content: bool = typer.Option(False, "--log-content", help="also log message text and answers"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp32"),
-    engine: str = typer.Option("hf", "--engine", help="hf (vllm is not served yet)"),
+    engine: str = typer.Option("hf", "--engine", help="hf | vllm (continuous batching; the optional extra)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
     max_batch: int = typer.Option(32, "--max-batch", callback=positive_int, help="requests batched together at most"),
     batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", callback=positive_float, help="how long the first request of a batch "
@@ -61,8 +61,6 @@ def serve_cmd(
     output_file(log_path, "--log")
     if default_max_tokens > max_tokens_limit:
         raise PersonavecError("--default-max-tokens must not exceed --max-tokens-limit")
-    if engine == "vllm":
-        raise PersonavecError("serve --engine vllm is not built yet; use --engine hf")
     guards = [parse_guard(rule) for rule in guard_rules or []]
     from ..vectors import PersonaVector
 

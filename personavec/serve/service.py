@@ -68,6 +68,8 @@ class Job:
     token_ids: list[int] = field(default_factory=list)
     emitted: str = ""
     stop_hit: bool = False
+    started: float = 0.0
+    actions: list = field(default_factory=list)
 
 
 class PersonaService:
@@ -75,9 +77,8 @@ class PersonaService:
 
     def __init__(self, backend, vectors: list[PersonaVector], guards: list[Guard] = (), *, model_name: str = "",
                  max_batch: int = 32, batch_window_s: float = 0.01, max_queue: int = 256):
-        if not hasattr(backend, "generate_monitored"):
-            raise PersonavecError(f"serve needs the transformers engine for now (got {backend.engine!r}); "
-                                  "use --engine hf")
+        if not hasattr(backend, "generate_monitored") and not hasattr(backend, "stepper"):
+            raise PersonavecError(f"the {backend.engine!r} engine cannot serve; use --engine hf or vllm")
         self.backend = backend
         self.model_name = model_name or backend.name_or_path
         self.traits: dict[str, ServedTrait] = {}
@@ -112,7 +113,10 @@ class PersonaService:
         self.cancelled = 0  # requests whose client went away before they finished
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # one batch at a time on the model
-        self._thread = threading.Thread(target=self._run, name="personavec-serve-worker", daemon=True)
+        # vLLM: continuous batching (requests join between engine steps); transformers: batches of arrivals
+        self._stepper = backend.stepper(self.units) if hasattr(backend, "stepper") else None
+        self._thread = threading.Thread(target=self._run if self._stepper is None else self._run_stepping,
+                                        name="personavec-serve-worker", daemon=True)
         self._thread.start()
 
     # -- requests ------------------------------------------------------------------
@@ -183,6 +187,99 @@ class PersonaService:
                     for job in group:
                         self._finish(job, None, exc)
 
+    def _run_stepping(self) -> None:
+        """The vLLM loop: admit arrivals, drop cancelled requests, run one engine step, deliver, repeat."""
+        from ..backends.hf import MonitoredAnswer
+
+        stepper, live, ids = self._stepper, {}, 0
+        tokenizer = self.backend.tokenizer
+        stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+        while not self._stopping.is_set():
+            arrivals = []
+            try:
+                arrivals.append(self._queue.get(timeout=0.05) if not stepper.busy else self._queue.get_nowait())
+                while True:
+                    arrivals.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            for job in arrivals:
+                ids += 1
+                key = f"req{ids}"
+                try:
+                    caps, actions = self._caps_of(job)
+                    guards = [(self.traits[g.trait].column, g.threshold,
+                               Steering(self._delta_for({g.trait: g.value}, job.coef_mode), "response"))
+                              for g in job.guards if g.action == "steer"]
+                    stepper.add(key, job.messages, max_tokens=job.max_tokens, temperature=job.temperature,
+                                top_p=job.top_p, seed=job.seed, stop=job.stop,
+                                steering=Steering(self._delta_for(job.steer, job.coef_mode)) if job.steer else None,
+                                caps=caps, guards=guards)
+                except Exception as exc:  # a request that cannot start fails alone
+                    self._finish(job, None, exc)
+                    continue
+                job.started = time.monotonic()
+                job.actions = actions
+                live[key] = job
+            for key in [k for k, j in live.items() if j.cancelled.is_set()]:
+                stepper.abort(key)
+                self.cancelled += 1
+                self._finish(live.pop(key), None, None)
+            if not stepper.busy:
+                continue
+            try:
+                outputs = stepper.step()
+            except Exception as exc:  # a failed step fails the live requests, never the server
+                for job in live.values():
+                    self._finish(job, None, exc)
+                live.clear()
+                continue
+            done = {}
+            for out in outputs:
+                job = live.get(out.key)
+                if job is None:
+                    continue
+                if out.finished:
+                    done[out.key] = out
+                else:
+                    self._stream(job, out.text.lstrip())
+            if not done:
+                continue
+            readings = stepper.finish(list(done))
+            for key, out in done.items():
+                job = live.pop(key)
+                reading = readings.get(key) or {}
+                kept = list(out.token_ids)
+                while kept and kept[-1] in stop_ids:
+                    kept.pop()
+                prompt_len = reading.get("prompt_len") or 0
+                prompt = reading.get("prompt")
+                prompt = torch.zeros(self.width) if prompt is None else prompt
+                tokens = reading.get("tokens") or {}
+                fed = [tokens[pos] for pos in sorted(tokens) if pos < prompt_len + len(kept)]
+                fed = torch.stack(fed) if fed else torch.zeros(0, self.width)
+                answer = MonitoredAnswer(text=out.text.strip(), token_ids=kept, prompt_tokens=prompt_len,
+                                         prompt_readings=prompt, token_readings=torch.cat([prompt[None], fed])[: len(kept)],
+                                         fed_readings=fed, finish_reason=out.finish_reason or "stop")
+                steer_guards = [g for g in job.guards if g.action == "steer"]
+                for index in reading.get("fired", []):
+                    g = steer_guards[index]
+                    job.actions.append({"guard": str(g), "trait": g.trait, "action": "steer", "coef": g.value,
+                                        "positions": "response"})
+                try:
+                    self._deliver(job, answer, job.actions, batch_size=len(live) + len(done),
+                                  seconds=time.monotonic() - job.started)
+                except Exception as exc:  # one bad answer fails its request, never the loop
+                    self._finish(job, None, exc)
+
+    def _caps_of(self, job: Job) -> tuple[dict[int, float], list[dict]]:
+        caps, actions = {}, []
+        for guard in job.guards:
+            if guard.action == "cap":
+                column = self.traits[guard.trait].column
+                caps[column] = min(caps.get(column, math.inf), guard.value)
+                actions.append({"guard": str(guard), "trait": guard.trait, "action": "cap", "cap": guard.value})
+        return caps, actions
+
     @staticmethod
     def _finish(job: Job, result, error) -> None:
         if job.on_done is not None:
@@ -200,14 +297,12 @@ class PersonaService:
         started = time.monotonic()
         steerings = [Steering(self._delta_for(j.steer, j.coef_mode)) if j.steer else None for j in jobs]
         caps = torch.full((len(jobs), max(self.width, 1)), math.inf)
-        actions: list[list[dict]] = [[] for _ in jobs]
+        actions: list[list[dict]] = []
         for row, job in enumerate(jobs):
-            for guard in job.guards:
-                if guard.action == "cap":
-                    column = self.traits[guard.trait].column
-                    caps[row, column] = min(float(caps[row, column]), guard.value)
-                    actions[row].append({"guard": str(guard), "trait": guard.trait, "action": "cap",
-                                         "cap": guard.value})
+            row_caps, row_actions = self._caps_of(job)
+            for column, limit in row_caps.items():
+                caps[row, column] = limit
+            actions.append(row_actions)
         steer_guard_layers = sorted({self.traits[g.trait].layer for j in jobs for g in j.guards if g.action == "steer"})
 
         def on_prefill(prompt):
@@ -252,24 +347,27 @@ class PersonaService:
             temperature=temperature, top_p=top_p, seed=seed, caps=caps if self.width else None,
             guard_layers=steer_guard_layers, on_prefill=on_prefill if steer_guard_layers else None, on_step=on_step)
         for row, (job, answer) in enumerate(zip(jobs, answers)):
-            text, finish = answer.text, answer.finish_reason
-            if job.stop:
-                cut = min((text.find(s) for s in job.stop if s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut].rstrip(), "stop"
-            if finish == "cancelled":
+            if answer.finish_reason == "cancelled":
                 self.cancelled += 1
                 self._finish(job, None, None)
                 continue
-            persona = self._persona(job, answer, actions[row])
-            tokens = persona.pop("tokens")
-            if job.tokens:
-                persona["tokens"] = tokens
-            if job.on_delta is not None and text.startswith(job.emitted) and len(text) > len(job.emitted):
-                job.on_delta(text[len(job.emitted):])
-            self._finish(job, {"text": text, "finish_reason": finish, "prompt_tokens": answer.prompt_tokens,
-                               "completion_tokens": len(answer.token_ids), "persona": persona,
-                               "tokens": tokens, "batch_size": len(jobs), "seconds": time.monotonic() - started}, None)
+            self._deliver(job, answer, actions[row], batch_size=len(jobs), seconds=time.monotonic() - started)
+
+    def _deliver(self, job: Job, answer, actions: list[dict], batch_size: int, seconds: float) -> None:
+        text, finish = answer.text, answer.finish_reason
+        if job.stop:
+            cut = min((text.find(s) for s in job.stop if s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut].rstrip(), "stop"
+        persona = self._persona(job, answer, actions)
+        tokens = persona.pop("tokens")
+        if job.tokens:
+            persona["tokens"] = tokens
+        if job.on_delta is not None and text.startswith(job.emitted) and len(text) > len(job.emitted):
+            job.on_delta(text[len(job.emitted):])
+        self._finish(job, {"text": text, "finish_reason": finish, "prompt_tokens": answer.prompt_tokens,
+                           "completion_tokens": len(answer.token_ids), "persona": persona, "tokens": tokens,
+                           "batch_size": batch_size, "seconds": seconds}, None)
 
     @staticmethod
     def _stream(job: Job, text: str) -> None:
