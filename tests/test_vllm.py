@@ -3,9 +3,14 @@
 One engine per module: vLLM takes seconds to start and holds its memory.
 """
 
+import os
+
 import pytest
 
 from personavec.backends.vllm import vllm_available
+
+if os.environ.get("PERSONAVEC_REQUIRE_VLLM") and not vllm_available():  # `make test-vllm` must never skip them
+    raise RuntimeError("PERSONAVEC_REQUIRE_VLLM is set but vllm cannot be imported")
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model,
               pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (make setup-vllm / make test-vllm)")]
