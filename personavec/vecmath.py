@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -101,3 +103,28 @@ def auroc(labels, scores) -> float | None:
 def layerwise_projection(differences: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """Row L of `differences` projected on the unit of row L of `vectors`: `[layers, hidden] x2 -> [layers]`."""
     return (differences.float() * unit(vectors)).sum(-1)
+
+
+def scale01(reading, neg_mean: float, pos_mean: float):
+    """A reading on the 0..1 scale of a vector's own answers: 0 = like the trait-free ones, 1 = like the trait-showing."""
+    return (reading - neg_mean) / (pos_mean - neg_mean)
+
+
+def bootstrap_mean_ci(values: torch.Tensor, n: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (resampling the values with replacement)."""
+    values = values.double().flatten()
+    if values.numel() == 0:
+        return (math.nan, math.nan)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, values.numel(), (n, values.numel()), generator=generator)
+    means = values[picks].mean(1)
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.double))
+    return (float(low), float(high))
+
+
+def paired_difference_ci(first: torch.Tensor, second: torch.Tensor, n: int = 2000, level: float = 0.95,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Mean of `second - first` over paired items and its bootstrap interval (items resampled as pairs)."""
+    difference = second.double().flatten() - first.double().flatten()
+    low, high = bootstrap_mean_ci(difference, n, level, seed)
+    return (float(difference.mean()), low, high)

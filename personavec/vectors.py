@@ -33,7 +33,7 @@ from .atomic import atomic_write
 from .errors import PersonavecError, arg
 from .backends import as_backend
 from .steering import add_vectors
-from .vecmath import mean_difference, unit
+from .vecmath import mean_difference, scale01, unit
 
 COEF_MODES = ("raw", "norm")
 _JSON_KEYS = ("layer", "coef", "n_pos", "n_neg", "counts", "extra")
@@ -51,6 +51,8 @@ class PersonaVector:
     prompt_avg: torch.Tensor | None = None
     prompt_last: torch.Tensor | None = None
     norms: torch.Tensor | None = None
+    # [n_layers + 1, 4]: mean and sd of the pos answers' projections on v_hat[L], then the neg answers'
+    projection_stats: torch.Tensor | None = None
     layer: int | None = None
     coef: float | None = None
     coef_mode: str = "raw"
@@ -64,7 +66,7 @@ class PersonaVector:
         self.vectors = self.vectors.detach().float().cpu()
         if self.vectors.dim() != 2:
             raise PersonavecError(f"{self.label}: vectors must be 2-D [n_layers + 1, hidden], got {tuple(self.vectors.shape)}")
-        for name in ("vectors", "prompt_avg", "prompt_last", "norms"):
+        for name in ("vectors", "prompt_avg", "prompt_last", "norms", "projection_stats"):
             value = getattr(self, name)
             if value is not None and not torch.isfinite(value).all():
                 raise PersonavecError(f"{self.label}: tensor {name!r} contains NaN or inf")
@@ -99,6 +101,7 @@ class PersonaVector:
             return None if a is None or b is None else mean_difference(a, b)
 
         norms = torch.cat([pos.token_norm, neg.token_norm]).mean(0) if pos.token_norm is not None else None
+        main = "response_avg" if pos.response_avg is not None else "prompt_avg"
         vector = cls(
             vectors=diff("response_avg") if pos.response_avg is not None else diff("prompt_avg"),
             prompt_avg=diff("prompt_avg"), prompt_last=diff("prompt_last"), norms=norms, trait=trait,
@@ -106,6 +109,7 @@ class PersonaVector:
             n_pos=pos.n_chats, n_neg=neg.n_chats,
             **metadata,
         )
+        vector.projection_stats = projection_stats(getattr(pos, main), getattr(neg, main), vector.vectors)
         if model is not None:
             vector.model = vector.model or str(getattr(model, "name_or_path", ""))
             vector.fingerprint = as_backend(model).fingerprint()
@@ -188,6 +192,24 @@ class PersonaVector:
         return add_vectors(model, {layer: self.delta(layer, coef, coef_mode or self.coef_mode)}, positions)
 
     # -- safetensors ---------------------------------------------------------
+    def scale_at(self, layer: int | None = None) -> tuple[float, float] | None:
+        """(neg_mean, pos_mean) of the vector's own answers projected at `layer` (default: its layer), for the
+        0..1 scale; None when the file records no statistics or they coincide."""
+        layer = self.layer if layer is None else layer
+        if layer is None:
+            return None
+        if self.projection_stats is not None:
+            pos_mean, _, neg_mean, _ = (float(x) for x in self.projection_stats[layer])
+        elif self.extra.get("stats_layer") == layer and "pos_mean" in self.extra:  # e.g. an older file's metadata
+            pos_mean, neg_mean = float(self.extra["pos_mean"]), float(self.extra["neg_mean"])
+        else:
+            return None
+        return None if pos_mean == neg_mean else (neg_mean, pos_mean)
+
+    def scaled(self, reading: float, layer: int | None = None) -> float | None:
+        scale = self.scale_at(layer)
+        return None if scale is None else float(scale01(reading, *scale))
+
     def metadata(self) -> dict[str, str]:
         values = {
             "format": "personavec", "trait": self.trait, "model": self.model, "model_fingerprint": self.fingerprint,
@@ -195,11 +217,14 @@ class PersonaVector:
             "n_pos": self.n_pos, "n_neg": self.n_neg, "counts": self.counts, "extra": self.extra,
             "personavec_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if self.projection_stats is not None and self.layer is not None:  # the contract's plain numbers at the layer
+            stats = [float(x) for x in self.projection_stats[self.layer]]
+            values.update({name: repr(value) for name, value in zip(("pos_mean", "pos_sd", "neg_mean", "neg_sd"), stats)})
         return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"vectors": self.vectors.contiguous()}
-        for name in ("prompt_avg", "prompt_last", "norms"):
+        for name in ("prompt_avg", "prompt_last", "norms", "projection_stats"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name).float().contiguous().clone()  # safetensors refuses shared memory
         return out
@@ -238,7 +263,7 @@ class PersonaVector:
                 raise PersonavecError(f"{path}: metadata {k!r} is not valid JSON: {v[:60]!r}") from None
         vector = cls(
             vectors=tensors["vectors"], prompt_avg=tensors.get("prompt_avg"), prompt_last=tensors.get("prompt_last"),
-            norms=tensors.get("norms"), trait=parsed.get("trait", ""), model=parsed.get("model", ""),
+            norms=tensors.get("norms"), projection_stats=tensors.get("projection_stats"), trait=parsed.get("trait", ""), model=parsed.get("model", ""),
             fingerprint=parsed.get("model_fingerprint", ""), position=parsed.get("position", "response_avg"),
             layer=parsed.get("layer"), coef=parsed.get("coef"), coef_mode=parsed.get("coef_mode", "raw"),
             n_pos=parsed.get("n_pos") or 0, n_neg=parsed.get("n_neg") or 0, counts=parsed.get("counts") or {},
@@ -294,6 +319,18 @@ def llama_cpp_index(layer: int) -> int:
 
 def from_llama_cpp_index(index: int) -> int:
     return index + 1
+
+
+def projection_stats(pos: torch.Tensor, neg: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Per layer: mean and sd (unbiased; 0 for one answer) of pos and of neg projections on the unit vector.
+    `pos`/`neg` are `[n, n_layers + 1, hidden]`; the result is `[n_layers + 1, 4]` (pos mean, pos sd, neg mean, neg sd)."""
+    units = unit(vectors.float())  # [L + 1, hidden]
+    out = []
+    for side in (pos, neg):
+        projections = (side.float() * units).sum(-1)  # [n, L + 1]
+        sd = projections.std(0, unbiased=True) if projections.shape[0] > 1 else torch.zeros(projections.shape[1])
+        out += [projections.mean(0), sd]
+    return torch.stack(out, 1)
 
 
 def import_vector(path: str | Path, n_layers_hint: int | None = None) -> PersonaVector:

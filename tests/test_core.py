@@ -207,3 +207,42 @@ def test_capture_json_roundtrip_fields_are_floats(tiny, tmp_path):
     loaded = PersonaVector.load(tmp_path / "v.safetensors")
     assert json.loads(json.dumps(loaded.counts)) == {}
     assert (loaded.layer, loaded.coef, loaded.trait, loaded.n_pos) == (2, 1.5, "t", 2)
+
+
+def test_projection_stats_and_the_0_to_1_scale_by_hand(tmp_path):
+    """pos_mean maps to exactly 1 and neg_mean to exactly 0; the stats are the projections' mean and sd."""
+    from personavec.activations import Activations
+    from personavec.vecmath import scale01
+
+    pos = torch.tensor([[[2.0, 0.0]], [[4.0, 0.0]]])  # 2 chats, 1 layer, hidden 2
+    neg = torch.tensor([[[0.0, 1.0]], [[0.0, 3.0]]])
+    vector = PersonaVector.from_activations(Activations(layers=[0], response_avg=pos), Activations(layers=[0], response_avg=neg),
+                                            trait="t")
+    # v = (3, -2), unit u = (3, -2)/sqrt(13): pos projections 6/sqrt13, 12/sqrt13; neg -2/sqrt13, -6/sqrt13
+    r13 = 13 ** 0.5
+    expected = torch.tensor([[9 / r13, (18 / 13) ** 0.5, -4 / r13, (8 / 13) ** 0.5]])
+    torch.testing.assert_close(vector.projection_stats, expected)
+    vector.layer = 0
+    assert vector.scaled(9 / r13) == pytest.approx(1.0, abs=1e-6) and vector.scaled(-4 / r13) == pytest.approx(0.0, abs=1e-6)
+    assert scale01(3.0, 1.0, 5.0) == 0.5
+    vector.save(tmp_path / "v.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "v.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert float(meta["pos_mean"]) == pytest.approx(9 / r13) and float(meta["neg_sd"]) == pytest.approx((8 / 13) ** 0.5)
+    again = PersonaVector.load(tmp_path / "v.safetensors")
+    assert again.scaled(9 / r13) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bootstrap_intervals_by_hand():
+    from personavec.vecmath import bootstrap_mean_ci, paired_difference_ci
+
+    constant = torch.full((10,), 3.0)
+    assert bootstrap_mean_ci(constant) == (3.0, 3.0)
+    low, high = bootstrap_mean_ci(torch.arange(100.0))
+    assert low < 49.5 < high and high - low < 20
+    mean, low, high = paired_difference_ci(torch.arange(10.0), torch.arange(10.0) + 2)
+    assert (mean, low, high) == (2.0, 2.0, 2.0)
+    mean, low, high = paired_difference_ci(torch.arange(10.0), torch.arange(10.0))
+    assert mean == 0.0 and low <= 0.0 <= high

@@ -31,19 +31,9 @@ class ServedTrait:
     layer: int
     column: int  # index into the reading columns
 
-    @property
-    def scale(self) -> tuple[float, float] | None:
-        """(neg_mean, pos_mean) of the vector's kept answers, when the file records them."""
-        extra = self.vector.extra or {}
-        try:
-            neg, pos = float(extra["neg_mean"]), float(extra["pos_mean"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        return (neg, pos) if pos != neg else None
-
     def scaled(self, reading: float) -> float | None:
-        scale = self.scale
-        return None if scale is None else (reading - scale[0]) / (scale[1] - scale[0])
+        """The 0..1 scale from the vector's recorded pos/neg statistics at its layer (None without them)."""
+        return self.vector.scaled(reading, self.layer)
 
 
 @dataclass
