@@ -16,7 +16,7 @@ import typer
 import typer.core
 
 from ..errors import PersonavecError, cli_style
-from . import extract, judge, models, serve, train, traits, uses, vectors
+from . import extract, judge, models, profile, serve, train, traits, uses, vectors
 from .common import log
 
 try:  # typer >= 0.20 ships its own copy of click; its exceptions are the ones raised
@@ -28,7 +28,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Persona vectors: find, monitor and steer character traits in chat models.")
 
 # The order here is the order of `personavec --help`.
-for _group in (models, vectors, extract, traits, judge, uses, train, serve):
+for _group in (models, vectors, extract, traits, judge, uses, profile, train, serve):
     _group.register(app)
 
 

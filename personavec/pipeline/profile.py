@@ -1,0 +1,187 @@
+"""A model's persona at a glance: every trait's reading on the model's own answers, with intervals, and a comparison.
+
+For each trait, the model answers the trait's evaluation questions (greedy). Each answer is read at the trait
+vector's layer: the response-mean projection on v_hat (and on the 0..1 scale of the vector's own pos/neg
+answers, when the file records them) and the last prompt token's projection before answering; with a judge,
+its judged trait score. Every figure gets a bootstrap 95% interval over questions. With a second model (or a
+peft adapter over the same base), the per-trait difference (second minus first, paired by question) gets its
+own interval, and differences whose interval excludes 0 are marked.
+
+Cost: each model's answers are generated once for all traits, and all traits are read from one capture pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..activations import capture
+from ..backends import as_backend
+from ..errors import PersonavecError
+from ..generate import generate
+from ..runs import RunDir, config_dict
+from ..traits import Trait
+from ..vecmath import bootstrap_mean_ci, paired_difference_ci, unit
+from ..vectors import PersonaVector
+
+FIGURES = ("response", "response_scaled", "prompt", "judged")
+
+
+@dataclass
+class ProfileConfig:
+    model: str
+    traits: list[str]
+    vectors: str = ""
+    compare: str | None = None
+    judge: str = "none"
+    questions: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    bootstrap: int = 2000
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_config(self) -> dict:
+        return config_dict(self, command="profile")
+
+
+def read_model(model, tokenizer, traits: dict[str, tuple[Trait, PersonaVector]], questions: int | None = None,
+               max_new_tokens: int = 64, batch_size: int = 16, judge=None, show_progress: bool = True) -> dict:
+    """Per trait: its questions, the answers, and per-question readings (`response`, `response_scaled`,
+    `prompt`, and `judged` with a judge) as lists of floats (None where a figure cannot be had)."""
+    backend = as_backend(model, tokenizer)
+    for trait, vector in traits.values():
+        vector.check_model(backend)
+        if vector.layer is None:
+            raise PersonavecError(f"{vector.label}: records no layer to read at")
+    asked = {name: list(trait.eval_questions[:questions]) for name, (trait, _) in traits.items()}
+    unique = list(dict.fromkeys(q for qs in asked.values() for q in qs))
+    chats = [[{"role": "user", "content": q}] for q in unique]
+    answers = generate(backend, tokenizer, chats, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       show_progress=show_progress)
+    answer_of = dict(zip(unique, answers))
+    answered = [chat + [{"role": "assistant", "content": answer_of[q] or " "}] for chat, q in zip(chats, unique)]
+    layers = sorted({vector.layer for _, vector in traits.values()})
+    acts = capture(backend, tokenizer, answered, layers=layers, positions=("response_avg", "prompt_last"),
+                   batch_size=batch_size, show_progress=show_progress)
+    row_of = {q: i for i, q in enumerate(unique)}
+    out = {}
+    for name, (trait, vector) in traits.items():
+        column, direction = layers.index(vector.layer), unit(vector.vectors[vector.layer])
+        rows = [row_of[q] for q in asked[name]]
+        skipped = set(acts.skipped)
+        response = [None if r in skipped else float(acts.response_avg[r, column] @ direction) for r in rows]
+        prompt = [None if r in skipped else float(acts.prompt_last[r, column] @ direction) for r in rows]
+        scaled = [None if v is None else vector.scaled(v, vector.layer) for v in response]
+        entry = {"layer": vector.layer, "questions": asked[name], "answers": [answer_of[q] for q in asked[name]],
+                 "response": response, "response_scaled": scaled, "prompt": prompt}
+        if judge is not None:
+            from ..judge import judge_answers
+
+            scores = judge_answers(judge, trait, [(q, answer_of[q]) for q in asked[name]], coherence=False)
+            entry["judged"] = [s.get("trait_score") for s in scores]
+        out[name] = entry
+    return out
+
+
+def _summary(values: list, n: int, seed: int) -> dict | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    if not kept:
+        return None
+    low, high = bootstrap_mean_ci(torch.tensor(kept), n=n, seed=seed)
+    return {"mean": sum(kept) / len(kept), "ci": [low, high], "n": len(kept)}
+
+
+def _difference(first: list, second: list, n: int, seed: int) -> dict | None:
+    pairs = [(a, b) for a, b in zip(first, second) if a is not None and b is not None]
+    if not pairs:
+        return None
+    mean, low, high = paired_difference_ci(torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs]),
+                                           n=n, seed=seed)
+    return {"difference": mean, "ci": [low, high], "n": len(pairs), "significant": not low <= 0.0 <= high}
+
+
+def summarise(readings: dict, cfg: ProfileConfig, compared: dict | None = None) -> dict:
+    traits = {}
+    for name, entry in readings.items():
+        figures = {f: _summary(entry[f], cfg.bootstrap, cfg.seed) for f in FIGURES if f in entry}
+        trait = {"layer": entry["layer"], **{f: s for f, s in figures.items() if s is not None}}
+        if compared is not None:
+            other = compared[name]
+            trait["compare"] = {f: _summary(other[f], cfg.bootstrap, cfg.seed) for f in FIGURES if f in other}
+            diffs = {f: _difference(entry[f], other[f], cfg.bootstrap, cfg.seed) for f in FIGURES
+                     if f in entry and f in other}
+            trait["differences"] = {f: d for f, d in diffs.items() if d is not None}
+            # the headline: the 0..1 response scale where the vector records it, else the raw projection
+            main = trait["differences"].get("response_scaled") or trait["differences"].get("response")
+            trait["difference"] = None if main is None else main["difference"]
+            trait["difference_scale"] = "response_scaled" if "response_scaled" in trait["differences"] else "response"
+            trait["significant"] = bool(main and main["significant"])
+        traits[name] = trait
+    return {"model": cfg.model, "compare": cfg.compare, "traits": traits}
+
+
+def run_profile(cfg: ProfileConfig, traits: dict[str, tuple[Trait, PersonaVector]], model, tokenizer, out: str | Path,
+                judge=None, second=None, force: bool = False) -> dict:
+    """Profile `model` (and `second`, a model or backend to compare with); writes the run folder `out`."""
+    run = RunDir(out, cfg.as_config(), force=force)
+    first = read_model(model, tokenizer, traits, cfg.questions, cfg.max_new_tokens, cfg.batch_size, judge)
+    run.write_json("readings.json", first)
+    compared = None
+    if second is not None:
+        compared = read_model(second, tokenizer, traits, cfg.questions, cfg.max_new_tokens, cfg.batch_size, judge)
+        run.write_json("readings_compare.json", compared)
+    summary = summarise(first, cfg, compared)
+    run.write_json("summary.json", summary)
+    _write_report(run.file("report.html"), summary)
+    return summary
+
+
+def _radar(summary: dict):
+    import matplotlib.pyplot as plt
+
+    names = list(summary["traits"])
+    scaled = all("response_scaled" in t for t in summary["traits"].values())
+    figure = "response_scaled" if scaled else "response"
+    angles = [2 * math.pi * i / max(len(names), 1) for i in range(len(names))] + [0.0]
+    fig = plt.figure(figsize=(5.5, 5.5))
+    ax = fig.add_subplot(projection="polar")
+    series = [(summary["model"], {n: t.get(figure) for n, t in summary["traits"].items()})]
+    if summary.get("compare"):
+        series.append((summary["compare"], {n: t["compare"].get(figure) for n, t in summary["traits"].items()}))
+    for label, values in series:
+        means = [(values[n] or {}).get("mean", 0.0) for n in names]
+        ax.plot(angles, means + means[:1], marker="o", label=label)
+        ax.fill(angles, means + means[:1], alpha=0.12)
+    ax.set_xticks(angles[:-1], names)
+    ax.set_title(f"response reading ({'0 = trait-free, 1 = trait-showing' if scaled else 'raw projection'})",
+                 fontsize=10)
+    ax.legend(loc="lower right", fontsize=8, bbox_to_anchor=(1.25, -0.1))
+    return fig
+
+
+def _write_report(path: Path, summary: dict) -> None:
+    from ..report import figure_html, number, table_html, write_report
+
+    def cell(entry, figure):
+        s = (entry or {}).get(figure)
+        return "-" if not s else f"{number(s['mean'])} [{number(s['ci'][0])}, {number(s['ci'][1])}]"
+
+    rows = []
+    for name, t in summary["traits"].items():
+        row = [name, t["layer"], cell(t, "response_scaled"), cell(t, "response"), cell(t, "prompt"), cell(t, "judged")]
+        if summary.get("compare"):
+            d = t["differences"].get(t.get("difference_scale", "response"))
+            row += ["-" if not d else f"{number(d['difference'])} [{number(d['ci'][0])}, {number(d['ci'][1])}]"
+                    + (" *" if d["significant"] else "")]
+        rows.append(row)
+    headers = ["trait", "layer", "response 0..1", "response", "pre-answer", "judged"]
+    if summary.get("compare"):
+        headers.append("difference (second - first) *: interval excludes 0")
+    write_report(path, f"personavec profile: {summary['model']}" + (f" vs {summary['compare']}" if summary.get("compare") else ""), [
+        ("Radar", figure_html(_radar(summary), "radar plot of the traits")),
+        ("Readings (mean and bootstrap 95% interval over questions)", table_html(headers, rows)),
+    ])
