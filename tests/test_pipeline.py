@@ -160,3 +160,25 @@ def test_evaluate_with_a_new_vector_at_the_same_path_is_a_new_run(tiny_folder, t
     other = PersonaVector(vectors=result.vector.vectors * 2, layer=result.vector.layer, norms=result.vector.norms)
     with pytest.raises(PersonavecError, match="vector_sha256"):
         run_evaluate(cfg, load_trait("optimistic"), other, model, tok, None, tmp_path / "e")
+
+
+def test_evaluate_reports_a_prompting_baseline(tiny_folder, tiny_lm, tmp_path):
+    """Unsteered answers under the trait's pos / neg instruction (pair q mod 5), and the coef-0 answers as 'none'."""
+    from personavec.generate import generate
+
+    model, tok = tiny_lm
+    trait = load_trait("optimistic")
+    result = run_extract(cfg_for(tiny_folder), trait, model, tok, None, tmp_path / "x")
+    judge = ConstantJudge(cache=tmp_path / "cache.sqlite")
+    cfg = EvaluateConfig(model=tiny_folder, trait="optimistic", vector="v", judge="test", coefs=[-1.0, 0.0, 1.0],
+                         questions=2, max_new_tokens=3, batch_size=4)
+    summary = run_evaluate(cfg, trait, result.vector, model, tok, judge, tmp_path / "e")
+    assert set(summary["baseline"]) == {"pos_instruction", "neg_instruction", "no_instruction"}
+    assert all(b["n"] == 2 for b in summary["baseline"].values())
+    rows = [json.loads(line) for line in (tmp_path / "e" / "judged.jsonl").read_text().splitlines()]
+    pos = sorted((r for r in rows if r.get("condition") == "pos_instruction"), key=lambda r: r["id"])
+    assert [r["system"] for r in pos] == [trait.system_prompt(0, "pos"), trait.system_prompt(1, "pos")]
+    chats = [[{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}] for r in pos]
+    assert [r["answer"] for r in pos] == generate(model, tok, chats, max_new_tokens=3, show_progress=False)
+    assert not any(r.get("condition") == "no_instruction" for r in rows)  # coef 0 is the no-instruction answer
+    assert "Prompting baseline" in (tmp_path / "e" / "report.html").read_text()

@@ -91,6 +91,8 @@ def evaluate_cmd(
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", callback=positive_int),
     batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     capability: bool = typer.Option(False, "--capability", help="also multiple-choice accuracy under each coefficient"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also the same questions unsteered under "
+                                  "the trait's pos and neg instructions (the prompting baseline)"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
@@ -111,7 +113,7 @@ def evaluate_cmd(
     run_folder(out, "--out")
     trait = load_trait(trait_name)
     vector = PersonaVector.load(vector_path)
-    cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec,
+    cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec, baseline=baseline,
                          coefs=coef_values, layer=layer, coef_mode=coef_mode, questions=questions,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability)
     if capability and engine != "hf":

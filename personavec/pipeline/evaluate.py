@@ -36,6 +36,8 @@ class EvaluateConfig:
     batch_size: int = 16
     capability: bool = False
     capability_items: int | None = None
+    # the prompting baseline: the same questions unsteered, asked under the trait's pos / neg instruction
+    baseline: bool = True
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
@@ -118,12 +120,20 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
     deltas = {coef: {layer: vector.delta(layer, coef, cfg.coef_mode)} if coef else None for coef in cfg.coefs}
     items = [{"id": f"c{coef:+g}-q{q}", "coef": coef, "question": question}
              for coef in cfg.coefs for q, question in enumerate(questions)]
-    answered = generate_missing(run, "answers.jsonl", model, tokenizer, items, lambda it: user_chat(it["question"]),
-                                _Generation(cfg), deltas_of=lambda it: deltas[it["coef"]])
+    baseline_items = baseline_questions(trait, questions, with_plain=0.0 not in cfg.coefs) if cfg.baseline else []
+    answered = generate_missing(run, "answers.jsonl", model, tokenizer, items + baseline_items, baseline_chat,
+                                _Generation(cfg), deltas_of=lambda it: deltas.get(it.get("coef")))
     done = {row["id"]: row for row in answered}
-    rows = list(done.values())
-    judge_rows(judge, trait, rows)
-    write_jsonl(run.file("judged.jsonl"), rows)
+    every = list(done.values())
+    judge_rows(judge, trait, every)
+    write_jsonl(run.file("judged.jsonl"), every)
+    rows = [r for r in every if "condition" not in r]
+    baseline = {}
+    for condition in BASELINES if cfg.baseline else ():
+        mine = ([r for r in rows if r["coef"] == 0.0] if condition == "no_instruction" and 0.0 in cfg.coefs
+                else [r for r in every if r.get("condition") == condition])
+        baseline[condition] = {"trait": _stats([r["trait_score"] for r in mine]),
+                               "coherence": _stats([r["coherence"] for r in mine]), "n": len(mine)}
 
     capability: dict[float, float] = {}
     if cfg.capability:
@@ -142,25 +152,60 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
         curve.append(entry)
     summary = {"trait": trait.name, "model": cfg.model, "vector": cfg.vector, "layer": layer, "coef_mode": cfg.coef_mode,
                "judge": cfg.judge, "per_coef": curve}
+    if cfg.baseline:
+        summary["baseline"] = baseline
     run.write_json("summary.json", summary)
 
     examples = [[r["question"]] + [next((x["answer"] for x in rows if x["question"] == r["question"] and x["coef"] == c), "")
                                    for c in cfg.coefs] for r in rows if r["coef"] == cfg.coefs[0]][:4]
     write_report(run.file("report.html"), f"personavec evaluate: {trait.name} on {cfg.model}", [
-        ("Steering curve", figure_html(_curve_plot(curve, layer, cfg.coef_mode), "steering curve") + table_html(
+        ("Steering curve", figure_html(_curve_plot(curve, layer, cfg.coef_mode, baseline), "steering curve") + table_html(
             ["coef", "trait mean", "trait std", "coherence mean", "coherence std"] + (["capability"] if cfg.capability else []),
             [[e["coef"], e["trait"]["mean"], e["trait"]["std"], e["coherence"]["mean"], e["coherence"]["std"]]
              + ([e["capability_accuracy"]] if cfg.capability else []) for e in curve])),
         ("Example answers", table_html(["question"] + [f"coef {c:+g}" for c in cfg.coefs], examples)),
-    ])
+    ] + ([("Prompting baseline (unsteered; the dotted lines on the curve)", table_html(
+        ["condition", "trait mean", "trait std", "coherence mean", "coherence std"],
+        [[c, b["trait"]["mean"], b["trait"]["std"], b["coherence"]["mean"], b["coherence"]["std"]]
+         for c, b in baseline.items()]))] if baseline else []))
     return summary
 
 
-def _curve_plot(curve: list[dict], layer: int, coef_mode: str):
+BASELINES = ("pos_instruction", "neg_instruction", "no_instruction")
+
+
+def baseline_questions(trait: Trait, questions, with_plain: bool) -> list[dict]:
+    """Unsteered items under the trait's instructions (question q uses instruction pair q mod 5), and with no
+    instruction unless the curve already has coefficient 0."""
+    conditions = BASELINES if with_plain else BASELINES[:2]
+    items = []
+    for condition in conditions:
+        for q, question in enumerate(questions):
+            item = {"id": f"b-{condition}-q{q}", "condition": condition, "question": question}
+            if condition != "no_instruction":
+                item["system"] = trait.system_prompt(q % len(trait.instructions), condition[:3])
+            items.append(item)
+    return items
+
+
+def baseline_chat(item: dict) -> list[dict]:
+    """A curve item's chat is its question; a baseline item adds its instruction as the system prompt."""
+    system = item.get("system")
+    return ([{"role": "system", "content": system}] if system else []) + user_chat(item["question"])
+
+
+def _curve_plot(curve: list[dict], layer: int, coef_mode: str, baseline: dict | None = None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     coefs = [e["coef"] for e in curve]
+    styles = {"pos_instruction": ("tab:red", "asked for the trait"), "neg_instruction": ("tab:blue", "asked against it"),
+              "no_instruction": ("tab:gray", "no instruction")}
+    for condition, entry in (baseline or {}).items():
+        mean = entry["trait"]["mean"]
+        if mean is not None:
+            color, label = styles[condition]
+            ax.axhline(mean, color=color, ls=":", lw=1.2, label=f"trait, {label} (unsteered)")
     for key, marker in (("trait", "o"), ("coherence", "s")):
         means = [e[key]["mean"] for e in curve]
         stds = [e[key]["std"] for e in curve]
