@@ -86,6 +86,13 @@ def test_profile_cli_contract_and_bad_input(tiny_folder, tmp_path, capsys):
         scaled = trait["response_scaled"]
         assert scaled["ci"][0] <= scaled["mean"] <= scaled["ci"][1] and scaled["n"] == 3
     assert "data:image/png;base64" in (tmp_path / "p" / "report.html").read_text()
+    code, _, err = run_cli(capsys, *base, "--steer", "all", "--out", tmp_path / "s")
+    assert code == 0, err
+    cross = json.loads((tmp_path / "s" / "summary.json").read_text())["cross_traits"]
+    assert set(cross["effect"]) == {"optimistic", "humorous"} and set(cross["effect"]["humorous"]) == set(cross["cosine"])
+    assert (tmp_path / "s" / "report.html").read_text().count("data:image/png;base64") == 2
+    code, _, err = run_cli(capsys, *base, "--steer", "evil", "--out", tmp_path / "t")
+    assert code == 2 and "--steer: 'evil' is not among the profiled traits" in err
     code, _, err = run_cli(capsys, *base, "--traits", "evil", "--out", tmp_path / "q")
     assert code == 2 and "no vector for trait 'evil'" in err and not (tmp_path / "q").exists()
     # an adapter made for another base
@@ -100,3 +107,34 @@ def test_profile_cli_contract_and_bad_input(tiny_folder, tmp_path, capsys):
     get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
     code, _, err = run_cli(capsys, *base, "--compare", adapter, "--out", tmp_path / "r")
     assert code == 2 and "adapter does not fit" in err
+
+
+def test_cross_trait_effects_equal_separate_steered_runs(tiny_llama):
+    from personavec.activations import capture
+    from personavec.pipeline.profile import cross_traits
+    from personavec.steering import add_vectors
+
+    model, tok = tiny_llama
+    traits = {name: (load_trait(name), tiny_vector(name, layer, seed))
+              for name, layer, seed in (("optimistic", 2, 0), ("evil", 3, 1))}
+    for _, vector in traits.values():
+        vector.norms = torch.full((4,), 2.0)
+    cross = cross_traits(model, tok, traits, ["optimistic"], questions=2, max_new_tokens=4, show_progress=False)
+    questions = list(dict.fromkeys(q for t, _ in traits.values() for q in t.eval_questions[:2]))
+    chats = [[{"role": "user", "content": q}] for q in questions]
+
+    def mean_reading(answers, vector):
+        acts = capture(model, tok, [c + [{"role": "assistant", "content": a or " "}] for c, a in zip(chats, answers)],
+                       layers=[vector.layer], positions=("response_avg",), show_progress=False)
+        value = float((acts.response_avg[:, 0] @ (vector.vectors[vector.layer] / vector.vectors[vector.layer].norm())).mean())
+        return vector.scaled(value)
+
+    plain = generate(model, tok, chats, max_new_tokens=4, show_progress=False)
+    steering = traits["optimistic"][1]
+    with add_vectors(model, {2: steering.delta(2, 0.5, "norm")}):
+        steered = generate(model, tok, chats, max_new_tokens=4, show_progress=False)
+    for name, (_, vector) in traits.items():
+        expected = mean_reading(steered, vector) - mean_reading(plain, vector)
+        assert cross["effect"]["optimistic"][name] == pytest.approx(expected, abs=1e-4)
+    assert cross["cosine"]["evil"]["evil"] == pytest.approx(1.0)
+    assert cross["steered"]["optimistic"] == {"coef": 0.5, "coef_mode": "norm", "layer": 2}

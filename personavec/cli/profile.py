@@ -24,6 +24,8 @@ def profile_cmd(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", callback=positive_int),
     batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     bootstrap: int = typer.Option(2000, "--bootstrap", callback=positive_int, help="bootstrap resamples"),
+    steer: Optional[str] = typer.Option(None, "--steer", help="cross-trait effects: steer each of these traits (a,b "
+                                        "or all) at its recommended coefficient and read every trait"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
@@ -64,7 +66,15 @@ def profile_cmd(
             if second_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise PersonavecError(f"--compare {compare}: another tokenizer than --model {model}'s; a profile "
                                       "compares checkpoints of one model family")
-    summary = run_profile(cfg, traits, lm, tokenizer, out, judge=make_judge(judge_spec), second=second, force=force)
+    steered = None
+    if steer:
+        steered = list(traits) if steer == "all" else [t.strip() for t in steer.split(",") if t.strip()]
+        missing = [t for t in steered if t not in traits]
+        if missing:
+            raise PersonavecError(f"--steer: {missing[0]!r} is not among the profiled traits ({', '.join(traits)})")
+        cfg.extra["steer"] = steered
+    summary = run_profile(cfg, traits, lm, tokenizer, out, judge=make_judge(judge_spec), second=second, force=force,
+                          steer=steered)
     for name, t in summary["traits"].items():
         main = t.get("response_scaled") or t.get("response")
         line = f"{name}: response {main['mean']:.3f} [{main['ci'][0]:.3f}, {main['ci'][1]:.3f}]"

@@ -87,6 +87,57 @@ def read_model(model, tokenizer, traits: dict[str, tuple[Trait, PersonaVector]],
     return out
 
 
+def cross_traits(model, tokenizer, traits: dict[str, tuple[Trait, PersonaVector]], steer: list[str],
+                 questions: int | None = 5, max_new_tokens: int = 64, batch_size: int = 16, coef: float | None = None,
+                 show_progress: bool = True) -> dict:
+    """Steer each trait in `steer` at its recommended coefficient (the file's, else 0.5 norm-relative) and read every
+    trait on the answers: `effect[S][T]` is T's mean response reading under S's steering minus unsteered (on the
+    0..1 scale where T's vector records it). All steerings go out in one batch, one row each. Also the cosine of
+    every pair of trait vectors, each at its own layer."""
+    from ..backends.base import Steering
+
+    backend = as_backend(model, tokenizer)
+    names = list(traits)
+    asked = list(dict.fromkeys(q for trait, _ in traits.values() for q in trait.eval_questions[:questions]))
+    chats = [[{"role": "user", "content": q}] for q in asked]
+    conditions = [None] + list(steer)
+    steerings, all_chats = [], []
+    used = {}
+    for name in conditions:
+        if name is None:
+            steering = None
+        else:
+            vector = traits[name][1]
+            c = coef if coef is not None else (vector.coef if vector.coef is not None else 0.5)
+            mode = vector.coef_mode if vector.coef is not None and coef is None else "norm"
+            used[name] = {"coef": c, "coef_mode": mode, "layer": vector.layer}
+            steering = Steering({vector.layer: vector.delta(vector.layer, c, mode)})
+        steerings += [steering] * len(chats)
+        all_chats += chats
+    answers = generate(backend, tokenizer, all_chats, steerings=steerings, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, show_progress=show_progress)
+    answered = [chat + [{"role": "assistant", "content": a or " "}] for chat, a in zip(all_chats, answers)]
+    layers = sorted({v.layer for _, v in traits.values()})
+    acts = capture(backend, tokenizer, answered, layers=layers, positions=("response_avg",), batch_size=batch_size,
+                   show_progress=show_progress)
+    n = len(chats)
+    means: dict = {}
+    for k, condition in enumerate(conditions):
+        rows = [i for i in range(k * n, (k + 1) * n) if i not in set(acts.skipped)]
+        for name, (_, vector) in traits.items():
+            direction = unit(vector.vectors[vector.layer])
+            values = acts.response_avg[rows, layers.index(vector.layer)] @ direction
+            mean = float(values.mean())
+            scaled = vector.scaled(mean, vector.layer)
+            means[(condition, name)] = scaled if scaled is not None else mean
+    effect = {s: {t: means[(s, t)] - means[(None, t)] for t in names} for s in steer}
+    cosine = {a: {b: float(unit(traits[a][1].vectors[traits[a][1].layer]) @ unit(traits[b][1].vectors[traits[b][1].layer]))
+                  for b in names} for a in names}
+    return {"steered": used, "questions": len(asked), "effect": effect, "cosine": cosine,
+            "unsteered": {t: means[(None, t)] for t in names},
+            "scale": {t: "0..1" if traits[t][1].scale_at() is not None else "raw" for t in names}}
+
+
 def _summary(values: list, n: int, seed: int) -> dict | None:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     if not kept:
@@ -125,8 +176,9 @@ def summarise(readings: dict, cfg: ProfileConfig, compared: dict | None = None) 
 
 
 def run_profile(cfg: ProfileConfig, traits: dict[str, tuple[Trait, PersonaVector]], model, tokenizer, out: str | Path,
-                judge=None, second=None, force: bool = False) -> dict:
-    """Profile `model` (and `second`, a model or backend to compare with); writes the run folder `out`."""
+                judge=None, second=None, force: bool = False, steer: list[str] | None = None) -> dict:
+    """Profile `model` (and `second`, a model or backend to compare with; or, with `steer`, the cross-trait
+    effects of steering each of those traits); writes the run folder `out`."""
     run = RunDir(out, cfg.as_config(), force=force)
     first = read_model(model, tokenizer, traits, cfg.questions, cfg.max_new_tokens, cfg.batch_size, judge)
     run.write_json("readings.json", first)
@@ -135,6 +187,9 @@ def run_profile(cfg: ProfileConfig, traits: dict[str, tuple[Trait, PersonaVector
         compared = read_model(second, tokenizer, traits, cfg.questions, cfg.max_new_tokens, cfg.batch_size, judge)
         run.write_json("readings_compare.json", compared)
     summary = summarise(first, cfg, compared)
+    if steer:
+        summary["cross_traits"] = cross_traits(model, tokenizer, traits, steer, cfg.questions or 5, cfg.max_new_tokens,
+                                               cfg.batch_size)
     run.write_json("summary.json", summary)
     _write_report(run.file("report.html"), summary)
     return summary
@@ -181,7 +236,38 @@ def _write_report(path: Path, summary: dict) -> None:
     headers = ["trait", "layer", "response 0..1", "response", "pre-answer", "judged"]
     if summary.get("compare"):
         headers.append("difference (second - first) *: interval excludes 0")
-    write_report(path, f"personavec profile: {summary['model']}" + (f" vs {summary['compare']}" if summary.get("compare") else ""), [
-        ("Radar", figure_html(_radar(summary), "radar plot of the traits")),
-        ("Readings (mean and bootstrap 95% interval over questions)", table_html(headers, rows)),
-    ])
+    sections = [("Radar", figure_html(_radar(summary), "radar plot of the traits")),
+                ("Readings (mean and bootstrap 95% interval over questions)", table_html(headers, rows))]
+    if summary.get("cross_traits"):
+        sections.append(("Cross-trait effects: steering one trait, reading every trait",
+                         figure_html(_heatmaps(summary["cross_traits"]), "cross-trait effect and cosine heatmaps")))
+    write_report(path, f"personavec profile: {summary['model']}" + (f" vs {summary['compare']}" if summary.get("compare") else ""),
+                 sections)
+
+
+def _heatmaps(cross: dict):
+    import matplotlib.pyplot as plt
+
+    steered, names = list(cross["effect"]), list(cross["cosine"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * max(len(names), 4) + 1.5))
+    effect = [[cross["effect"][s][t] for t in names] for s in steered]
+    span = max((abs(v) for row in effect for v in row), default=1.0) or 1.0
+    image = left.imshow(effect, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+    left.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    left.set_yticks(range(len(steered)), [f"steer {s}" for s in steered])
+    left.set_title("reading change (steered - unsteered)", fontsize=10)
+    for i, row in enumerate(effect):
+        for j, v in enumerate(row):
+            left.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=left, shrink=0.8)
+    cos = [[cross["cosine"][a][b] for b in names] for a in names]
+    image = right.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    right.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    right.set_yticks(range(len(names)), names)
+    right.set_title("cosine of the trait vectors (each at its layer)", fontsize=10)
+    for i, row in enumerate(cos):
+        for j, v in enumerate(row):
+            right.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=right, shrink=0.8)
+    fig.tight_layout()
+    return fig
