@@ -18,7 +18,7 @@ def tiny_vector(trait: str, layer: int, seed: int) -> PersonaVector:
     torch.manual_seed(seed)
     vectors = torch.randn(4, 64)
     stats = torch.tensor([[1.0, 0.5, -1.0, 0.5]] * 4)  # pos mean 1, neg mean -1 at every layer
-    return PersonaVector(vectors=vectors, trait=trait, layer=layer, projection_stats=stats)
+    return PersonaVector(vectors=vectors, trait=trait, layer=layer, projection_stats=stats, norms=torch.full((4,), 2.0))
 
 
 def test_readings_equal_an_independent_forward(tiny_llama):
@@ -117,8 +117,6 @@ def test_cross_trait_effects_equal_separate_steered_runs(tiny_llama):
     model, tok = tiny_llama
     traits = {name: (load_trait(name), tiny_vector(name, layer, seed))
               for name, layer, seed in (("optimistic", 2, 0), ("evil", 3, 1))}
-    for _, vector in traits.values():
-        vector.norms = torch.full((4,), 2.0)
     cross = cross_traits(model, tok, traits, ["optimistic"], questions=2, max_new_tokens=4, show_progress=False)
     questions = list(dict.fromkeys(q for t, _ in traits.values() for q in t.eval_questions[:2]))
     chats = [[{"role": "user", "content": q}] for q in questions]

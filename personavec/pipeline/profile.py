@@ -108,6 +108,9 @@ def cross_traits(model, tokenizer, traits: dict[str, tuple[Trait, PersonaVector]
             steering = None
         else:
             vector = traits[name][1]
+            if vector.coef is None and coef is None and vector.norms is None:
+                raise PersonavecError(f"{vector.label}: records neither a coefficient nor activation norms, so no "
+                                      "steering strength can be chosen for it")
             c = coef if coef is not None else (vector.coef if vector.coef is not None else 0.5)
             mode = vector.coef_mode if vector.coef is not None and coef is None else "norm"
             used[name] = {"coef": c, "coef_mode": mode, "layer": vector.layer}
