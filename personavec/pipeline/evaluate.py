@@ -36,6 +36,7 @@ class EvaluateConfig:
     batch_size: int = 16
     capability: bool = False
     capability_items: int | None = None
+    judge_scheme: str = "score100"  # how trait scores are read (judge.scoring.SCHEMES)
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
@@ -122,7 +123,7 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
                                 _Generation(cfg), deltas_of=lambda it: deltas[it["coef"]])
     done = {row["id"]: row for row in answered}
     rows = list(done.values())
-    judge_rows(judge, trait, rows)
+    judge_rows(judge, trait, rows, cfg.judge_scheme)
     write_jsonl(run.file("judged.jsonl"), rows)
 
     capability: dict[float, float] = {}
@@ -141,7 +142,7 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
             entry["capability_accuracy"] = capability[coef]
         curve.append(entry)
     summary = {"trait": trait.name, "model": cfg.model, "vector": cfg.vector, "layer": layer, "coef_mode": cfg.coef_mode,
-               "judge": cfg.judge, "per_coef": curve}
+               "judge": cfg.judge, "judge_scheme": cfg.judge_scheme, "per_coef": curve}
     run.write_json("summary.json", summary)
 
     examples = [[r["question"]] + [next((x["answer"] for x in rows if x["question"] == r["question"] and x["coef"] == c), "")
