@@ -26,6 +26,12 @@ How well a judge separates labelled answers (the README's tables), every scheme 
   uses each trait's scheme from ``--choices`` (made on the calibration set);
 - ``coherence``: the coherence rubric on ``personavec/data/judge_coherence.jsonl`` (label 1 = fluent).
 
+The shipped choice (``personavec/data/judge_choices.json``, what ``personavec judge`` uses with no flag) is
+written from a ``judge-check --save`` file, i.e. from the calibration set only:
+
+    personavec judge-check --judge local:qwen2.5-coder-1.5b --save calib.json
+    python benchmarks/bench_judge.py --make-choices calib.json
+
 These runs use the judge cache (``--cache``), so a rerun costs nothing.
 """
 
@@ -95,9 +101,16 @@ def auroc_main(args) -> None:
     else:
         path = data_file("judge_calibration.jsonl" if args.auroc == "calibration" else "judge_test.jsonl")
         items = calibration_items(path=path)
-        scored = score_labelled(judge, items, schemes)
         choices = json.loads(Path(args.choices).read_text())["judges"].get(spec, {}).get("traits", {}) \
             if args.choices and Path(args.choices).exists() else {}
+        if schemes == ["chosen"]:  # each trait under its shipped choice only (the cheapest honest measurement)
+            scored = {}
+            for name in dict.fromkeys(i["trait"] for i in items):
+                part = [i for i in items if i["trait"] == name]
+                scored.update(score_labelled(judge, part, [choices[name]["scheme"]]))
+                print(f"  {name}: done ({judge.stats['calls']} calls so far)", flush=True)
+        else:
+            scored = score_labelled(judge, items, schemes)
         names = list(scored)
         used = list(dict.fromkeys(s for by in scored.values() for s in by))
         print("| trait | n | " + " | ".join(f"{s} AUROC | {s} trait / other answers" for s in used)
@@ -109,6 +122,9 @@ def auroc_main(args) -> None:
             labels = [i["label"] for i in items if i["trait"] == name]
             row, entry = [name, str(len(labels))], {}
             for s in used:
+                if s not in scored[name]:
+                    row += ["-", "-"]
+                    continue
                 summ = summarize(labels, scored[name][s])
                 entry[s] = {**summ, "scores": scored[name][s]}
                 means[s].append(summ["auroc"])
@@ -123,9 +139,12 @@ def auroc_main(args) -> None:
             result["traits"][name] = entry
             print("| " + " | ".join(row) + " |")
         mean = lambda xs: sum(xs) / len(xs) if xs and None not in xs else None  # noqa: E731
-        tail = [f"{mean(means[s]):.2f} |" for s in used]
-        print("| **mean** | | " + " | ".join(t + " " for t in tail)
-              + (f" | **{mean(means['chosen']):.2f}** (min {min(means['chosen']):.2f}) |" if choices else ""))
+        cells = ["**mean**", ""]
+        for s in used:
+            cells += [f"{mean(means[s]):.2f}" if len(means[s]) == len(names) else "-", ""]
+        if choices:
+            cells += ["", f"**{mean(means['chosen']):.2f}** (min {min(means['chosen']):.2f})"]
+        print("| " + " | ".join(cells) + " |")
         result["mean"] = {s: mean(v) for s, v in means.items() if v}
     print(f"{judge.stats['calls']} judge calls ({judge.stats['cache_hits']} cached) in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -134,11 +153,37 @@ def auroc_main(args) -> None:
     judge.close()
 
 
+def make_choices(calibration_path: str, out: str = "personavec/data/judge_choices.json") -> None:
+    """Add one judge's per-trait choice (scheme, threshold, every scheme's AUROC) to the shipped choices file."""
+    import json
+
+    from personavec.calibration import read_calibration
+
+    cal = read_calibration(calibration_path)
+    path = Path(out)
+    data = json.loads(path.read_text()) if path.exists() else {"judges": {}}
+    data["judges"][cal["judge"]] = {
+        "identity": cal.get("identity"),
+        "made_on": "personavec/data/judge_calibration.jsonl (12 labelled answers per trait), by "
+                   "`personavec judge-check --save`: the scheme with the highest AUROC, ties to the larger "
+                   "standardised gap between the classes; threshold = midpoint of the class means",
+        "traits": {name: {"scheme": e["scheme"], "threshold": round(e["threshold"], 2),
+                          "auroc": e["auroc"],
+                          "schemes": {s: {"auroc": v["auroc"], "threshold": None if v["threshold"] is None
+                                          else round(v["threshold"], 2)} for s, v in e["schemes"].items()}}
+                   for name, e in cal["traits"].items()},
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}: " + ", ".join(f"{n} {e['scheme']}" for n, e in data["judges"][cal["judge"]]["traits"].items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-choices", default=None, metavar="CALIBRATION_JSON",
+                        help="write personavec/data/judge_choices.json from a `judge-check --save` file and exit")
     parser.add_argument("--auroc", choices=("calibration", "test", "coherence"), default=None,
                         help="AUROC of every scheme on a labelled set instead of the speed benchmark")
-    parser.add_argument("--schemes", default=None, help="--auroc: comma-separated schemes (default: all)")
+    parser.add_argument("--schemes", default=None, help="--auroc: comma-separated schemes (default: all; 'chosen': each trait's choice from --choices)")
     parser.add_argument("--choices", default="personavec/data/judge_choices.json",
                         help="--auroc test: the per-trait scheme choice made on the calibration set")
     parser.add_argument("--cache", default=None, help="--auroc: judge cache file (default: the personavec cache)")
@@ -150,6 +195,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.make_choices:
+        return make_choices(args.make_choices)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.auroc:
