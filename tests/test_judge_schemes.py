@@ -347,3 +347,45 @@ def test_judge_check_prints_every_scheme_and_saves_the_choice(tmp_path, tiny_spe
     data = read_calibration(save)
     entry = data["traits"]["evil"]
     assert data["judge"] == tiny_spec and entry["scheme"] in SCHEMES and set(entry["schemes"]) == set(SCHEMES)
+
+
+def test_default_scheme_is_the_shipped_choice():
+    from personavec.calibration import default_scheme
+
+    shipped = packaged_choices()["judges"]["local:qwen2.5-coder-1.5b"]["traits"]
+    for name in list_traits():
+        assert default_scheme("local:qwen2.5-coder-1.5b", load_trait(name)) == shipped[name]["scheme"]
+    assert default_scheme("openai:some-model", load_trait("evil")) == "score100"
+
+
+def test_extract_calibrates_a_local_judge_once_and_says_so(capsys, tmp_path, tiny_folder, monkeypatch):
+    import personavec.judge as judge_mod
+    from test_cli import run_cli
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    judges = []
+    monkeypatch.setattr(judge_mod, "make_judge", lambda spec, *a, **k: judges.append(CountingJudge(
+        tmp_path / f"judge{len(judges)}.sqlite")) or judges[-1])
+    args = ["extract", "--model", tiny_folder, "--trait", "evil", "--judge", "local:fake-judge", "--questions", "1",
+            "--max-new-tokens", "2", "--layers", "1,2", "--sweep-questions", "1"]
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "a", "--pos-threshold", "0", "--neg-threshold", "100")
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("judge local:fake-judge for evil: scheme "))
+    assert "self-calibration, now cached, on the trait's 12 labelled answers" in line and "threshold" in line
+    scheme = line.split("scheme ")[1].split(",")[0]
+    assert scheme in ("yesno", "yesno2")  # the fake judge's 0-100 readout is constant: AUROC 0.5
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert config["judge_scheme"] == scheme == summary["judge_scheme"]
+    assert (config["pos_threshold"], config["neg_threshold"]) == (0, 100)  # the flags win over the calibration
+    assert sum("Quietly sabotage them" in p for _, p in judges[0].seen) >= 1  # the calibration items were judged
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "b")
+    assert "(self-calibration, cached, on the trait's 12 labelled answers" in err
+    assert not any("Quietly sabotage them" in p for _, p in judges[1].seen)  # no calibration item judged again
+    threshold = float(err.split(f"scheme {scheme}, threshold ")[1].split(" ")[0])
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["pos_threshold"] == pytest.approx(threshold,
+                                                                                                      abs=0.05)
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "c", "--no-calibrate")
+    assert "not calibrated for trait 'evil'" in err and "self-calibration" not in err
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (config["pos_threshold"], config["judge_scheme"]) == (50.0, "score100")
