@@ -142,7 +142,7 @@ def evaluate_cmd(
         raise PersonavecError("--capability scores next-token logits with the transformers model; use --engine hf")
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
     judge = make_judge(judge_spec)
-    plan = judge_plan(judge, trait, calibration, scheme, not no_calibrate)
+    plan = judge_plan(judge, trait, calibration, scheme, not no_calibrate, uses_threshold=False)
     cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec,
                          coefs=coef_values, layer=layer, coef_mode=coef_mode, questions=questions,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability,

@@ -28,19 +28,27 @@ def scheme_option(param: typer.CallbackParam, value: Optional[str]) -> Optional[
     return value
 
 
-def judge_plan(scorer, trait, calibration: Optional[Path], scheme: Optional[str], calibrate_self: bool):
+def judge_plan(scorer, trait, calibration: Optional[Path], scheme: Optional[str], calibrate_self: bool,
+               uses_threshold: bool = True):
     """The scheme and threshold a command judges `trait` with; says which in one line, and warns as before when
-    there is no calibrated threshold or it separates poorly."""
+    a filtering command (`uses_threshold`) has no calibrated threshold, or when the judge separates poorly."""
+    from contextlib import nullcontext
+
     from ..calibration import calibration_calls, plan_judging, warn_if_uncalibrated
     from ..progress import progress_bar
 
-    with progress_bar("calibrating the judge", total=calibration_calls(12, [scheme] if scheme else None)) as advance:
+    may_calibrate = calibrate_self and calibration is None and scorer.spec.startswith("local:")
+    bar = progress_bar("calibrating the judge", total=calibration_calls(12, [scheme] if scheme else None)) \
+        if may_calibrate else nullcontext(None)
+    with bar as advance:
         plan = plan_judging(scorer, trait, calibration_path=calibration, scheme=scheme,
                             calibrate_self=calibrate_self, progress=advance)
     log(plan.line(scorer.spec, trait.name))
-    entry = None if plan.threshold is None else {"auroc": plan.auroc, "threshold": plan.threshold}
-    warn_if_uncalibrated(scorer.spec, trait.name, None if entry is None else
-                         {"judge": scorer.spec, "traits": {trait.name: entry}})
+    if plan.threshold is not None:
+        warn_if_uncalibrated(scorer.spec, trait.name,
+                             {"judge": scorer.spec, "traits": {trait.name: {"auroc": plan.auroc}}})
+    elif uses_threshold:
+        warn_if_uncalibrated(scorer.spec, trait.name, None)
     return plan
 
 

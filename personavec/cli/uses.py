@@ -150,7 +150,8 @@ def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, sho
         read_calibration(calibration)
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
     judge = make_judge(judge_spec)
-    chosen = judge_plan(judge, trait, calibration, scheme, not no_calibrate).scheme if judge is not None else "score100"
+    chosen = judge_plan(judge, trait, calibration, scheme, not no_calibrate,
+                                uses_threshold=False).scheme if judge is not None else "score100"
     cfg = StudyConfig(study=study, model=model, trait=trait.name, vector=str(vector_path), judge=judge_spec,
                       layer=layer, questions=questions, shots=shot_counts, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, judge_scheme=chosen)
