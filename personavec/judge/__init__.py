@@ -2,8 +2,9 @@
 
 A judge reads a rubric prompt (the trait's, or the shared coherence rubric) and
 answers with a number; its score is the expected number under the judge's
-probabilities p(k), k = 0..100 (``scoring``), and every call is cached
-(``base``). One spec string picks the backend everywhere:
+probabilities p(k), k = 0..100. Trait scores can instead come from a yes/no
+question (100 * P(Yes) / (P(Yes) + P(No))); ``scoring.SCHEMES`` lists the
+schemes, and :func:`judge_answers` takes one. Every call is cached (``base``). One spec string picks the backend everywhere:
 
 - ``local:<model>``  a transformers model on this machine (packaged short name, hub id or folder);
 - ``openai:<model>`` any OpenAI-compatible server, via ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``
