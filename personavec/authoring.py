@@ -643,6 +643,8 @@ def author_trait(name: str, description: str, author: AuthorBackend, *, attempts
         # Alternate, so extraction and evaluation questions cover the same themes.
         "questions": {"extract": questions[0::2], "eval": questions[1::2]},
         "rubric": rubric,
+        # The yesno judge schemes' question, in the form chosen for the built-in traits (not authored: a template).
+        "yes_no_question": f"Is the assistant {adjective} in this answer?",
     }
     return validate_trait(data, source)
 

@@ -132,7 +132,7 @@ def test_judge_skips_and_lists_chats_longer_than_the_judge_context(capsys, tmp_p
                            "--output", dst)
     assert code == 0, err
     rows = rows_of(dst)
-    assert rows[1]["judge"] == {"trait_score": None, "coherence": None,
+    assert rows[1]["judge"] == {"trait_score": None, "coherence": None, "scheme": "score100",
                                 "skipped": "longer than the judge's context (8192 tokens)"}
     assert "skipped" not in rows[0]["judge"] and len(judged) == 2  # trait and coherence of the first chat only
     assert all(huge not in p for p in judged)

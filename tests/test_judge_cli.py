@@ -45,8 +45,8 @@ def test_judge_writes_scores_and_reruns_from_cache(tmp_path, judge_spec):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2] and rows[1]["messages"] == CHATS[1]["messages"]
     for r in rows:
-        assert set(r["judge"]) == {"trait_score", "coherence"}
-        assert all(v is None or 0 <= v <= 100 for v in r["judge"].values())
+        assert set(r["judge"]) == {"trait_score", "coherence", "scheme"} and r["judge"]["scheme"] == "score100"
+        assert all(r["judge"][k] is None or 0 <= r["judge"][k] <= 100 for k in ("trait_score", "coherence"))
     assert "4 new judge calls" in result.output
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "0 new judge calls, 4 cached" in again.output

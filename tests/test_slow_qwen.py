@@ -22,3 +22,17 @@ def test_unjudged_extract_on_qwen_steers_the_answer(tmp_path):
     with result.vector.apply(model):
         steered = generate(model, tok, chats, max_new_tokens=24, show_progress=False)
     assert steered != plain
+
+
+def test_shipped_judge_choice_reproduces_on_the_calibration_set(tmp_path):
+    """judge-check's choice for the packaged judge is what personavec/data/judge_choices.json ships (apathetic:
+    the trait where 0-100 fails and yes/no works)."""
+    from personavec.calibration import calibrate, packaged_choices
+    from personavec.judge import make_judge
+
+    judge = make_judge("local:qwen2.5-coder-1.5b", tmp_path / "cache.sqlite")
+    result = calibrate(judge, ["apathetic"])["traits"]["apathetic"]
+    shipped = packaged_choices()["judges"]["local:qwen2.5-coder-1.5b"]["traits"]["apathetic"]
+    assert result["scheme"] == shipped["scheme"] == "yesno"
+    assert result["auroc"] >= 0.9 and result["schemes"]["score100"]["auroc"] < 0.5
+    assert abs(result["threshold"] - shipped["threshold"]) < 3

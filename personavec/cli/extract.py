@@ -10,14 +10,18 @@ import typer
 from ..errors import PersonavecError
 from .common import (console, finite_float, int_list, load_engine_model, log, non_negative_float, non_negative_int,
                      number_list, positive_int, run_folder)
+from .judge import judge_plan, scheme_option
+
+SCHEME_HELP = "judge scoring scheme: score100 | yesno | yesno2 (default: the calibrated choice)"
+CALIBRATE_HELP = ("a local judge and no --calibration: calibrate on the trait's built-in labelled answers once "
+                  "(cached) for its scheme and thresholds; --no-calibrate uses the fixed 50")
 
 
-def _load_calibration(path: Optional[Path]) -> Optional[dict]:
-    if path is None:
-        return None
-    from ..calibration import read_calibration
+def _check_calibration(path: Optional[Path]) -> None:
+    if path is not None:
+        from ..calibration import read_calibration
 
-    return read_calibration(path)
+        read_calibration(path)  # a missing or broken file is refused before any model loads
 
 
 def extract_cmd(
@@ -37,7 +41,10 @@ def extract_cmd(
     neg_threshold: Optional[float] = typer.Option(None, "--neg-threshold", help="default 50, or the calibrated threshold",
                                                   callback=finite_float),
     coherence_threshold: float = typer.Option(50.0, "--coherence-threshold", callback=finite_float),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="thresholds from `judge-check --save`"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="scheme and thresholds from "
+                                               "`judge-check --save` (made with this judge)"),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help=SCHEME_HELP, callback=scheme_option),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate", help=CALIBRATE_HELP),
     layers: Optional[str] = typer.Option(None, "--layers", help="candidate layers, e.g. 8,10,12 (default: 5 over the middle)"),
     sweep_coef: float = typer.Option(0.5, "--sweep-coef", help="norm-relative coefficient for the layer sweep",
                                      callback=finite_float),
@@ -48,17 +55,30 @@ def extract_cmd(
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
 ) -> None:
-    """The paper's pipeline: generate pos/neg answers, judge, filter, vectors, choose a layer, report."""
-    from ..calibration import threshold_for, warn_if_uncalibrated
-    from ..judge import make_judge
+    """The paper's pipeline: generate pos/neg answers, judge, filter, vectors, choose a layer, report.
+
+    With a local judge and no --calibration the judge calibrates itself on the trait's built-in labelled answers
+    (once; cached by judge fingerprint and scheme): its best scheme and threshold are used and named in one line.
+    --pos-threshold / --neg-threshold override the thresholds; --no-calibrate uses the fixed 50.
+    """
+    from ..judge import make_judge, parse_spec
     from ..pipeline.extract import ExtractConfig, run_extract
     from ..traits import load_trait
 
     run_folder(out, "--out")
     candidate_layers = int_list(layers, "--layers") if layers else None
     trait = load_trait(trait_name)
-    calib = _load_calibration(calibration)
-    threshold = threshold_for(calib, trait.name) if calib else 50.0
+    parse_spec(judge_spec)
+    _check_calibration(calibration)
+    if scheme is not None and scheme != "score100":
+        trait.require_yes_no(scheme)
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+    judge = make_judge(judge_spec)
+    threshold, chosen, calib = 50.0, "score100", None
+    if judge is not None:
+        plan = judge_plan(judge, trait, calibration, scheme, not no_calibrate)
+        chosen, calib = plan.scheme, plan.calibration
+        threshold = plan.threshold if plan.threshold is not None else 50.0
     cfg = ExtractConfig(
         model=model, trait=trait_name, judge=judge_spec, questions=questions, samples_per_question=samples,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
@@ -66,11 +86,9 @@ def extract_cmd(
         neg_threshold=threshold if neg_threshold is None else neg_threshold,
         coherence_threshold=coherence_threshold,
         candidate_layers=candidate_layers,
-        sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype)
-    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
-    judge = make_judge(judge_spec)
-    if judge is not None:
-        warn_if_uncalibrated(judge_spec, trait.name, calib)
+        sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype, judge_scheme=chosen)
+    if pos_threshold is not None or neg_threshold is not None:
+        log(f"thresholds: pos {cfg.pos_threshold:.1f}, neg {cfg.neg_threshold:.1f} (flags), scheme {chosen}")
     result = run_extract(cfg, trait, lm, tokenizer, judge, out, force=force, judge_calibration=calib)
     s = result.summary
     log(f"kept {s['counts']['pairs_kept']} of {s['counts']['pairs']} pairs; layer {s['layer']} ({s['layer_method']})")
@@ -98,8 +116,14 @@ def evaluate_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="judge scheme from `judge-check --save`"),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help=SCHEME_HELP, callback=scheme_option),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate", help=CALIBRATE_HELP),
 ) -> None:
-    """Steering curve: trait and coherence scores for each coefficient (and capability with --capability)."""
+    """Steering curve: trait and coherence scores for each coefficient (and capability with --capability).
+
+    The trait score uses the judge's calibrated scheme (a local judge calibrates itself once, as in extract).
+    """
     from ..judge import make_judge, parse_spec
     from ..pipeline.evaluate import EvaluateConfig, run_evaluate
     from ..traits import load_trait
@@ -113,13 +137,19 @@ def evaluate_cmd(
     run_folder(out, "--out")
     trait = load_trait(trait_name)
     vector = PersonaVector.load(vector_path)
-    cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec, baseline=baseline,
-                         coefs=coef_values, layer=layer, coef_mode=coef_mode, questions=questions,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability)
+    _check_calibration(calibration)
+    if scheme is not None and scheme != "score100":
+        trait.require_yes_no(scheme)
     if capability and engine != "hf":
         raise PersonavecError("--capability scores next-token logits with the transformers model; use --engine hf")
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
-    summary = run_evaluate(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
+    judge = make_judge(judge_spec)
+    plan = judge_plan(judge, trait, calibration, scheme, not no_calibrate, uses_threshold=False)
+    cfg = EvaluateConfig(model=model, trait=trait_name, vector=str(vector_path), judge=judge_spec,
+                         coefs=coef_values, layer=layer, coef_mode=coef_mode, questions=questions,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability,
+                         judge_scheme=plan.scheme, baseline=baseline)
+    summary = run_evaluate(cfg, trait, vector, lm, tokenizer, judge, out, force=force)
     _print_curve(summary)
     print(f"report: {out / 'report.html'}")
 
@@ -152,7 +182,6 @@ def demo_cmd(
         if engine != "hf":
             raise PersonavecError("--quick runs on transformers only; drop --engine")
         return _quick_demo(out, force)
-    from ..calibration import calibrate, threshold_for, warn_if_uncalibrated
     from ..judge import make_judge
     from ..pipeline.evaluate import EvaluateConfig, evaluate_run_config, run_evaluate
     from ..pipeline.extract import ExtractConfig, run_extract
@@ -162,21 +191,21 @@ def demo_cmd(
     trait = load_trait(trait_name)
     lm, tokenizer = load_engine_model(model, engine)
     judge = make_judge(judge_spec)
-    # The small local judge compresses its scale, so the paper's fixed 50 does not transfer: calibrate first.
-    calib = calibrate(judge, [trait.name])
-    threshold = threshold_for(calib, trait.name)
-    entry = calib["traits"][trait.name]
-    log(f"judge calibration for {trait.name}: AUROC {entry.get('auroc')}, threshold {threshold:.1f}")
-    warn_if_uncalibrated(judge_spec, trait.name, calib)
+    # The small local judge compresses its scale, so the paper's fixed 50 does not transfer: calibrate first
+    # (once per judge and trait; cached), which also picks the scoring scheme.
+    plan = judge_plan(judge, trait, None, None, True)
+    calib, threshold = plan.calibration, plan.threshold if plan.threshold is not None else 50.0
     cfg = ExtractConfig(model=model, trait=trait_name, judge=judge_spec, questions=4, max_new_tokens=64,
-                        sweep_questions=4, batch_size=20, pos_threshold=threshold, neg_threshold=threshold)
+                        sweep_questions=4, batch_size=20, pos_threshold=threshold, neg_threshold=threshold,
+                        judge_scheme=plan.scheme)
     # The demo owns its folder: a run left by an older demo configuration is replaced, the same one resumed.
     stale = RunDir.differences(out / "extract", {"command": "extract", **cfg.as_config()}, cfg.resume_keys)
     result = run_extract(cfg, trait, lm, tokenizer, judge, out / "extract", force=force or bool(stale),
                          judge_calibration=calib)
     c = result.vector.coef
     ecfg = EvaluateConfig(model=model, trait=trait_name, vector=str(out / "extract" / "vectors.safetensors"),
-                          judge=judge_spec, coefs=[-c, 0.0, c], questions=5, max_new_tokens=64, batch_size=20)
+                          judge=judge_spec, coefs=[-c, 0.0, c], questions=5, max_new_tokens=64, batch_size=20,
+                          judge_scheme=plan.scheme)
     stale = RunDir.differences(out / "evaluate", evaluate_run_config(ecfg, result.vector), ecfg.resume_keys)
     summary = run_evaluate(ecfg, trait, result.vector, lm, tokenizer, judge, out / "evaluate", force=force or bool(stale))
     _print_examples(out / "evaluate" / "judged.jsonl", [-c, 0.0, c], trait.name, result.vector.layer)

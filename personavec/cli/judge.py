@@ -13,6 +13,43 @@ from ..judge import DEFAULT_LOCAL_JUDGE
 from .common import console, log, output_file, positive_int
 
 JUDGE_HELP = "local:<model> (short name, hub id or folder), openai:<model> (OPENAI_BASE_URL/OPENAI_API_KEY) or none."
+SCHEME_HELP = ("score100 (the paper's 0-100 rubric) | yesno (P(Yes) for the trait's yes/no question) | yesno2 "
+               "(mean of two yes/no phrasings). Default: the --calibration file's choice, else the choice shipped "
+               "for a packaged judge, else score100.")
+CALIBRATION_HELP = "Scheme and thresholds per trait from `judge-check --save` (made with this judge)."
+
+
+def scheme_option(param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """--scheme: a known scheme name, checked at parse time."""
+    from ..judge.scoring import SCHEMES
+
+    if value is not None and value not in SCHEMES:
+        raise typer.BadParameter(f"unknown scheme {value!r}; use one of {', '.join(SCHEMES)}")
+    return value
+
+
+def judge_plan(scorer, trait, calibration: Optional[Path], scheme: Optional[str], calibrate_self: bool,
+               uses_threshold: bool = True):
+    """The scheme and threshold a command judges `trait` with; says which in one line, and warns as before when
+    a filtering command (`uses_threshold`) has no calibrated threshold, or when the judge separates poorly."""
+    from contextlib import nullcontext
+
+    from ..calibration import calibration_calls, plan_judging, warn_if_uncalibrated
+    from ..progress import progress_bar
+
+    may_calibrate = calibrate_self and calibration is None and scorer.spec.startswith("local:")
+    bar = progress_bar("calibrating the judge", total=calibration_calls(12, [scheme] if scheme else None)) \
+        if may_calibrate else nullcontext(None)
+    with bar as advance:
+        plan = plan_judging(scorer, trait, calibration_path=calibration, scheme=scheme,
+                            calibrate_self=calibrate_self, progress=advance)
+    log(plan.line(scorer.spec, trait.name))
+    if plan.threshold is not None:
+        warn_if_uncalibrated(scorer.spec, trait.name,
+                             {"judge": scorer.spec, "traits": {trait.name: {"auroc": plan.auroc}}})
+    elif uses_threshold:
+        warn_if_uncalibrated(scorer.spec, trait.name, None)
+    return plan
 
 
 def _question(record) -> str:
@@ -43,29 +80,42 @@ def judge_cmd(
     concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests for an API judge.",
                                     callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 (local judge)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help=SCHEME_HELP, callback=scheme_option),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
 ) -> None:
     """Score each chat's last answer for a trait and for coherence (0-100, or null when the judge cannot).
 
+    The trait score uses --scheme, else the --calibration file's choice for the trait, else the scheme shipped
+    for a packaged judge (personavec/data/judge_choices.json), else score100. Coherence is always 0-100.
     A chat whose judge prompt is longer than a local judge's context is not judged: null scores and "skipped".
     """
     from ..chat import read_chats, write_jsonl
-    from ..judge import judge_answers
+    from ..calibration import plan_judging, read_calibration
+    from ..judge import judge_answers, judge_calls, parse_spec
     from ..progress import progress_bar
     from ..traits import load_trait
 
     output_file(output, "--output")
     trait_obj = load_trait(trait)
+    if scheme is not None and scheme != "score100":
+        trait_obj.require_yes_no(scheme)
+    if calibration is not None:
+        read_calibration(calibration)  # a missing or broken file is refused before the judge loads
     records = read_chats(input, require_response=True)
     items = [(_question(r), r.response) for r in records]
+    parse_spec(judge)
     scorer = _open_judge(judge, cache, batch_size, concurrency, dtype)
     try:
-        with progress_bar(f"judging {trait_obj.name}", total=2 * len(items)) as advance:
-            scores = judge_answers(scorer, trait_obj, items, progress=advance)
+        plan = plan_judging(scorer, trait_obj, calibration_path=calibration, scheme=scheme, calibrate_self=False)
+        why = plan.source if calibration else "--scheme" if scheme else "the default for this judge"
+        log(f"judge {scorer.spec} for {trait_obj.name}: scheme {plan.scheme} ({why})")
+        with progress_bar(f"judging {trait_obj.name}", total=judge_calls(plan.scheme) * len(items)) as advance:
+            scores = judge_answers(scorer, trait_obj, items, progress=advance, scheme=plan.scheme)
         stats = dict(scorer.stats)
     finally:
         scorer.close()
     # Written only now, atomically: a killed run leaves no output that looks complete (the cache keeps its work).
-    write_jsonl(output, ({**r.to_json(), "judge": s} for r, s in zip(records, scores)))
+    write_jsonl(output, ({**r.to_json(), "judge": {**s, "scheme": plan.scheme}} for r, s in zip(records, scores)))
     unscored = sum(s["trait_score"] is None for s in scores)
     skipped = [r.where for r, s in zip(records, scores) if "skipped" in s]
     if skipped:
@@ -79,7 +129,9 @@ def judge_cmd(
 def judge_check_cmd(
     judge: str = typer.Option(DEFAULT_LOCAL_JUDGE, "--judge", help=JUDGE_HELP),
     traits: Optional[str] = typer.Option(None, "--traits", help="Comma-separated trait names (default: all)."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write the thresholds and AUROCs as JSON."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write each trait's best scheme, its threshold and "
+                                        "every scheme's AUROC as JSON (for --calibration)."),
+    schemes: Optional[str] = typer.Option(None, "--schemes", help="Comma-separated schemes (default: all)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache file (default: the personavec cache)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch for a local judge.",
                                    callback=positive_int),
@@ -87,19 +139,29 @@ def judge_check_cmd(
                                     callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 (local judge)."),
 ) -> None:
-    """Run a judge on the built-in calibration set: AUROC, score ranges and a threshold per trait."""
+    """Run a judge on the built-in calibration set: per trait and scheme, AUROC, score ranges and a threshold.
+
+    Each trait's best scheme (highest AUROC; ties: the larger standardised gap between the classes) is marked;
+    --save records it with its threshold, and judge, extract, evaluate and monitor --study take it with
+    --calibration.
+    """
     from rich.table import Table
 
-    from ..calibration import MIN_AUROC, calibrate, calibration_items, write_calibration
+    from ..calibration import MIN_AUROC, calibrate, calibration_calls, calibration_items, write_calibration
+    from ..judge.scoring import SCHEMES
     from ..progress import progress_bar
 
     output_file(save, "--save")
     names = [t.strip() for t in traits.split(",") if t.strip()] if traits else None
+    wanted = [x.strip() for x in schemes.split(",") if x.strip()] if schemes else None
+    for name in wanted or []:
+        if name not in SCHEMES:
+            raise PersonavecError(f"--schemes {schemes}: unknown scheme {name!r}; use {', '.join(SCHEMES)}")
     n_items = len(calibration_items(names))  # checks the trait names before a model is loaded
     scorer = _open_judge(judge, cache, batch_size, concurrency, dtype)
     try:
-        with progress_bar("judge-check", total=n_items) as advance:
-            result = calibrate(scorer, names, progress=advance)
+        with progress_bar("judge-check", total=calibration_calls(n_items, wanted)) as advance:
+            result = calibrate(scorer, names, progress=advance, schemes=wanted)
     finally:
         scorer.close()
 
@@ -109,12 +171,25 @@ def judge_check_cmd(
     def span(r):
         return "-" if r is None else f"{r[0]:.1f}-{r[1]:.1f}"
 
-    table = Table("trait", "AUROC", "trait answers", "other answers", "threshold", "unscored",
-                  title=f"judge {result['judge']} on the calibration set")
-    for name, s in result["traits"].items():
-        bad = s["auroc"] is None or s["auroc"] < MIN_AUROC
-        table.add_row(name, f"[red]{fmt(s['auroc'], '.2f')}[/]" if bad else fmt(s["auroc"], ".2f"),
-                      span(s["pos_range"]), span(s["neg_range"]), fmt(s["threshold"]), f"{s['n_unscored']}/{s['n']}")
+    used = list(dict.fromkeys(x for entry in result["traits"].values() for x in entry["schemes"]))
+    columns = ["trait"]
+    for x in used:
+        columns += [f"{x} AUROC", f"{x} trait / other answers", f"{x} threshold"]
+    table = Table(*columns, "best", "unscored", title=f"judge {result['judge']} on the calibration set")
+    for name, entry in result["traits"].items():
+        cells = [name]
+        for x in used:
+            s = entry["schemes"].get(x)
+            if s is None:  # a trait without a yes/no question
+                cells += ["-", "-", "-"]
+                continue
+            bad = s["auroc"] is None or s["auroc"] < MIN_AUROC
+            auc = fmt(s["auroc"], ".2f")
+            cells += [f"[red]{auc}[/]" if bad else auc, f"{span(s['pos_range'])} / {span(s['neg_range'])}",
+                      fmt(s["threshold"])]
+        best = entry["schemes"][entry["scheme"]]
+        cells += [entry["scheme"], f"{best['n_unscored']}/{best['n']}"]
+        table.add_row(*cells)
     console().print(table)
     if save:
         write_calibration(save, result)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
+from .judge import scheme_option
 from .common import (finite_float, fraction, load_engine_model, log, non_negative_int, output_file, positive_int,
                      run_folder, vector_layer)
 
@@ -58,6 +59,11 @@ def monitor_cmd(
     study: Optional[str] = typer.Option(None, "--study", help="system-prompts | many-shot: the paper's experiment"),
     trait_name: Optional[str] = typer.Option(None, "--trait", help="--study: trait (default: the vector's)"),
     judge_spec: str = typer.Option("none", "--judge", help="--study: local:MODEL | openai:MODEL | none"),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="--study: judge scoring scheme (default: the "
+                                         "calibrated choice)", callback=scheme_option),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="--study: judge scheme from "
+                                               "`judge-check --save` (default: a local judge calibrates itself)"),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate", help="--study: do not calibrate a local judge"),
     shots: str = typer.Option("0,1,2,4,8", "--shots", help="--study many-shot: prefix sizes"),
     questions: Optional[int] = typer.Option(None, "--questions", help="--study: first N evaluation questions",
                                             callback=positive_int),
@@ -79,7 +85,8 @@ def monitor_cmd(
         run_folder(out, "--out")
         vector = PersonaVector.load(vector_path)
         return _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions,
-                      max_new_tokens, out, batch_size, dtype, force, engine, tensor_parallel_size)
+                      max_new_tokens, out, batch_size, dtype, force, engine, tensor_parallel_size,
+                      scheme, calibration, no_calibrate)
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
     from ..chat import check_responses, read_chats, write_jsonl
@@ -119,8 +126,10 @@ def monitor_cmd(
 
 
 def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions, max_new_tokens, out,
-           batch_size, dtype, force, engine, tensor_parallel_size) -> None:
-    from ..judge import make_judge
+           batch_size, dtype, force, engine, tensor_parallel_size, scheme=None, calibration=None,
+           no_calibrate=False) -> None:
+    from ..judge import make_judge, parse_spec
+    from .judge import judge_plan
     from ..pipeline.monitor import STUDIES, StudyConfig, run_study
 
     if study not in STUDIES:
@@ -134,11 +143,19 @@ def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, sho
     if not shot_counts or shot_counts[0] < 0 or shot_counts[-1] > 20:
         raise PersonavecError(f"--shots {shots!r}: counts must lie in 0..20 (one per extraction question)")
     trait = _trait_for(vector, trait_name)
+    parse_spec(judge_spec)
+    if calibration is not None:
+        from ..calibration import read_calibration
+
+        read_calibration(calibration)
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+    judge = make_judge(judge_spec)
+    chosen = judge_plan(judge, trait, calibration, scheme, not no_calibrate,
+                                uses_threshold=False).scheme if judge is not None else "score100"
     cfg = StudyConfig(study=study, model=model, trait=trait.name, vector=str(vector_path), judge=judge_spec,
                       layer=layer, questions=questions, shots=shot_counts, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size)
-    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
-    summary = run_study(cfg, trait, vector, lm, tokenizer, make_judge(judge_spec), out, force=force)
+                      batch_size=batch_size, judge_scheme=chosen)
+    summary = run_study(cfg, trait, vector, lm, tokenizer, judge, out, force=force)
     for e in summary["per_condition"]:
         extra = f"  trait {e['trait_score_mean']:.1f}  r within {_fmt(e.get('pearson_within'), '+.2f')}" \
             if e.get("trait_score_mean") is not None else ""

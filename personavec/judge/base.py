@@ -1,9 +1,11 @@
 """What every judge shares: the spec string, the SQLite cache and the `Judge` base class.
 
 Every judge call is cached in SQLite (``cache_dir()/judge_cache.sqlite``) under
-sha256(judge spec, model fingerprint or server URL, scoring scheme, prompt) and
+sha256(judge spec, model fingerprint or server URL, readout tag, prompt) and
 committed as it arrives, so a killed run loses nothing and a rerun makes no new
-calls (see ``Judge.stats``).
+calls (see ``Judge.stats``). The readout tag is ``logprob-0-100-v1`` for a 0-100
+number (the key every earlier version wrote, unchanged) and ``yes-no-v1`` for a
+yes/no readout, so the two never share an entry.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Sequence
 
 from ..cache import SqliteCache, cache_dir
 from ..errors import PersonavecError
-from .scoring import SCHEME, expected_score, final_score
+from .scoring import READOUT_TAGS, SCHEME, expected_score, final_score
 
 DEFAULT_LOCAL_JUDGE = "local:qwen2.5-coder-1.5b"
 
@@ -80,16 +82,23 @@ class Judge:
         with self._stats_lock:
             self.stats[name] += n
 
-    def cache_key(self, prompt: str) -> str:
-        return JudgeCache.key(self.spec, self.identity, SCHEME, prompt)
+    def cache_key(self, prompt: str, readout: str = "number") -> str:
+        tag = SCHEME if readout == "number" else READOUT_TAGS[readout]
+        return JudgeCache.key(self.spec, self.identity, tag, prompt)
 
-    def score(self, prompts: Sequence[str], progress: Callable[[int], None] | None = None) -> list[float | None]:
-        """Scores (0-100 or None) for judge prompts, in order; cached ones cost nothing."""
+    def score(self, prompts: Sequence[str], progress: Callable[[int], None] | None = None,
+              readout: str = "number") -> list[float | None]:
+        """Scores (0-100 or None) for judge prompts, in order; cached ones cost nothing.
+
+        `readout` is ``number`` (the expected number 0-100) or ``yesno`` (100 * P(Yes) / (P(Yes) + P(No))).
+        """
+        if readout not in READOUT_TAGS:
+            raise ValueError(f"readout must be one of {', '.join(READOUT_TAGS)}, got {readout!r}")
         results: dict[str, dict] = {}
         todo: list[str] = []
         copies = Counter(prompts)  # each distinct prompt is judged once
         for prompt in copies:
-            hit = self.cache.get(self.cache_key(prompt))
+            hit = self.cache.get(self.cache_key(prompt, readout))
             if hit is None:
                 todo.append(prompt)
             else:
@@ -101,18 +110,22 @@ class Judge:
 
         def done(prompt: str, value: dict) -> None:
             # Called as each result arrives (from worker threads for API judges): commit it at once.
-            self.cache.put(self.cache_key(prompt), value)
+            self.cache.put(self.cache_key(prompt, readout), value)
             with lock:
                 results[prompt] = value
                 advance(copies[prompt])
             self._count("calls")
 
         if todo:
-            self._compute(todo, done)
+            (self._compute if readout == "number" else self._compute_yes_no)(todo, done)
         return [final_score(results[p]["expected"], results[p]["mass"], results[p]["refused"]) for p in prompts]
 
     def _compute(self, prompts: list[str], done: Callable[[str, dict], None]) -> None:
         raise NotImplementedError
+
+    def _compute_yes_no(self, prompts: list[str], done: Callable[[str, dict], None]) -> None:
+        """Yes/no readouts: ``done(prompt, scoring.yes_no_result(p_yes, p_no))`` for each prompt."""
+        raise NotImplementedError(f"judge {self.spec} has no yes/no readout")
 
     def context_length(self) -> int | None:
         """The longest judge prompt (in the judge's tokens) this judge can read, when known (local judges)."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import PersonavecError
 from .base import Judge, JudgeCache, _result
-from .scoring import NUMBERS
+from .scoring import NUMBERS, is_yes_no, yes_no_result
 
 
 class _NumberTrie:
@@ -154,6 +154,51 @@ class LocalJudge(Judge):
 
         return self.tokenizer(prompt_text(self.tokenizer, [{"role": "user", "content": prompt}]),
                               add_special_tokens=False)["input_ids"]
+
+    def _yes_no_ids(self):
+        """Token ids that read "yes" / "no" in any case, with or without a leading space marker."""
+        if getattr(self, "_yes_no", None) is None:
+            size = self.model.get_output_embeddings().weight.shape[0]
+            ids = {"yes": [], "no": []}
+            for token, i in self.tokenizer.get_vocab().items():
+                if i >= size or is_yes_no(token.lstrip("\u0120\u2581 ")) is None:
+                    continue  # cheap filter on the raw token string (byte-level "Ġ", SentencePiece "▁")
+                word = is_yes_no(self.tokenizer.decode([i]))
+                if word:
+                    ids[word].append(i)
+            self._yes_no = {w: sorted(v) for w, v in ids.items()}
+        return self._yes_no
+
+    def yes_no_probs(self, prompts: Sequence[str]) -> list[tuple[float, float]]:
+        """``[(P(Yes), P(No))]`` at the first answer token of each judge prompt, in one left-padded batch."""
+        import torch
+
+        ids = [self.prompt_ids(p) for p in prompts]
+        n, width = len(ids), max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.model.device
+        words = self._yes_no_ids()
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=False, logits_to_keep=1)
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).double()
+        sums = {}
+        for w, toks in words.items():
+            sums[w] = logp[:, toks].exp().sum(-1).cpu().tolist() if toks else [0.0] * n
+        return list(zip(sums["yes"], sums["no"]))
+
+    def _compute_yes_no(self, prompts, done):
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = [prompts[i] for i in order[start: start + self.batch_size]]
+            for prompt, (p_yes, p_no) in zip(batch, self.yes_no_probs(batch)):
+                done(prompt, yes_no_result(p_yes, p_no))
 
     def _compute(self, prompts, done):
         # Similar lengths together: less padding in each batch.

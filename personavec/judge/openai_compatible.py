@@ -29,6 +29,11 @@ to 4 tokens at temperature 0 with ``top_logprobs=20``:
    leading digit's mass in its own decade; it is exact when the greedy branch
    holds all the mass.
 
+Yes/no readouts (the ``yesno`` schemes) take one request of one token with
+``top_logprobs=20``: P(Yes) and P(No) are the summed probabilities of the first
+position's top tokens that read "yes" / "no" in any case, with or without a
+space (a variant outside the top 20 counts 0).
+
 API calls run concurrently and are retried on 429, 5xx, timeouts and connection
 errors by the openai SDK (exponential backoff from 0.5 s, capped at 8 s, with up
 to 25% jitter; ``Retry-After`` is honoured).
@@ -44,7 +49,7 @@ from pathlib import Path
 
 from ..errors import PersonavecError
 from .base import Judge, JudgeCache, _result
-from .scoring import NUMBERS, _valid_prefix, enumerate_digit_probs
+from .scoring import NUMBERS, _valid_prefix, enumerate_digit_probs, is_yes_no, yes_no_result
 
 
 _KEYLIKE = re.compile(r"\b(sk|key|api)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
@@ -180,11 +185,29 @@ class OpenAIJudge(Judge):
 
         return enumerate_digit_probs(cond, self.min_prob), refused
 
+    def yes_no_probs(self, prompt: str) -> tuple[float, float]:
+        """(P(Yes), P(No)) at the first answer position, from its top logprobs."""
+        import math
+
+        _, positions = self._request([{"role": "user", "content": prompt}], max_tokens=1, prefilled=False)
+        sums = {"yes": 0.0, "no": 0.0}
+        for top in (positions[0].top_logprobs if positions else []):
+            word = is_yes_no(top.token)
+            if word:
+                sums[word] += math.exp(top.logprob)
+        return sums["yes"], sums["no"]
+
+    def _compute_yes_no(self, prompts, done):
+        self._pool(prompts, lambda prompt: done(prompt, yes_no_result(*self.yes_no_probs(prompt))))
+
     def _compute(self, prompts, done):
         def one(prompt: str) -> None:
             probs, refused = self.number_probs(prompt)
             done(prompt, _result(probs, refused))  # cached the moment it arrives
 
+        self._pool(prompts, one)
+
+    def _pool(self, prompts, one) -> None:
         pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency))
         try:
             for future in [pool.submit(one, p) for p in prompts]:

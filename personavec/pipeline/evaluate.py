@@ -38,6 +38,7 @@ class EvaluateConfig:
     capability_items: int | None = None
     # the prompting baseline: the same questions unsteered, asked under the trait's pos / neg instruction
     baseline: bool = True
+    judge_scheme: str = "score100"  # how trait scores are read (judge.scoring.SCHEMES)
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
@@ -125,7 +126,7 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
                                 _Generation(cfg), deltas_of=lambda it: deltas.get(it.get("coef")))
     done = {row["id"]: row for row in answered}
     every = list(done.values())
-    judge_rows(judge, trait, every)
+    judge_rows(judge, trait, every, cfg.judge_scheme)
     write_jsonl(run.file("judged.jsonl"), every)
     rows = [r for r in every if "condition" not in r]
     baseline = {}
@@ -151,7 +152,7 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
             entry["capability_accuracy"] = capability[coef]
         curve.append(entry)
     summary = {"trait": trait.name, "model": cfg.model, "vector": cfg.vector, "layer": layer, "coef_mode": cfg.coef_mode,
-               "judge": cfg.judge, "per_coef": curve}
+               "judge": cfg.judge, "judge_scheme": cfg.judge_scheme, "per_coef": curve}
     if cfg.baseline:
         summary["baseline"] = baseline
     run.write_json("summary.json", summary)

@@ -50,6 +50,7 @@ class ExtractConfig:
     sweep_coef: float = 0.5  # norm-relative coefficient for the layer sweep
     sweep_questions: int = 5
     dtype: str = "auto"
+    judge_scheme: str = "score100"  # how trait scores are read (judge.scoring.SCHEMES)
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
@@ -105,16 +106,17 @@ def generate_missing(run: RunDir, name: str, model, tokenizer, items: list[dict]
     return [done[item["id"]] for item in items]
 
 
-def judge_rows(judge, trait: Trait, rows: list[dict]) -> None:
+def judge_rows(judge, trait: Trait, rows: list[dict], scheme: str = "score100") -> None:
     """Add `trait_score` and `coherence` to each row (in place); cached judge calls cost nothing on reruns."""
-    from ..judge import judge_answers
+    from ..judge import judge_answers, judge_calls
 
     if judge is None:
         for row in rows:
             row["trait_score"] = row["coherence"] = None
         return
-    with progress_bar("judging", total=2 * len(rows)) as advance:
-        scores = judge_answers(judge, trait, [(r["question"], r["answer"]) for r in rows], progress=advance)
+    with progress_bar("judging", total=judge_calls(scheme) * len(rows)) as advance:
+        scores = judge_answers(judge, trait, [(r["question"], r["answer"]) for r in rows], progress=advance,
+                               scheme=scheme)
     for row, score in zip(rows, scores):
         row.update(score)
 
@@ -189,7 +191,7 @@ def layer_sweep(run: RunDir, model, tokenizer, vector: PersonaVector, trait: Tra
              for layer in [0] + candidates for q, question in enumerate(questions)]  # "layer 0": unsteered baseline
     rows = generate_missing(run, "sweep.jsonl", model, tokenizer, items, lambda it: user_chat(it["question"]), cfg,
                             deltas_of=lambda it: deltas.get(it["layer"]))
-    judge_rows(judge, trait, rows)
+    judge_rows(judge, trait, rows, cfg.judge_scheme)
     return rows
 
 
@@ -235,7 +237,7 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
     torch.manual_seed(cfg.seed)
     rows = generate_missing(run, "responses.jsonl", model, tokenizer, items, lambda it: item_chat(it, False), cfg)
     judged = judge is not None
-    judge_rows(judge, trait, rows)
+    judge_rows(judge, trait, rows, cfg.judge_scheme)
     pos, neg, counts = keep_pairs(rows, cfg, judged)
     write_jsonl(run.file("judged.jsonl"), rows)
     if not pos:
@@ -263,7 +265,7 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
                                                                "coherence": cfg.coherence_threshold}, "judge": cfg.judge})
     vector.save(run.file("vectors.safetensors"))
 
-    summary = {"trait": trait.name, "model": cfg.model, "judge": cfg.judge, "judged": judged, "layer": layer,
+    summary = {"trait": trait.name, "model": cfg.model, "judge": cfg.judge, "judge_scheme": cfg.judge_scheme, "judged": judged, "layer": layer,
                "coef": cfg.sweep_coef, "coef_mode": "norm", "layer_method": method, "counts": counts,
                "n_pos": vector.n_pos, "n_neg": vector.n_neg, "separation_by_layer": separations, "layer_sweep": sweep_table,
                "judge_calibration": judge_calibration}

@@ -144,6 +144,7 @@ class StudyConfig:
     temperature: float = 0.0
     batch_size: int = 16
     seed: int = 0
+    judge_scheme: str = "score100"  # how trait scores are read (judge.scoring.SCHEMES)
 
     def as_config(self) -> dict:
         return config_dict(self, command="monitor-study")
@@ -197,7 +198,7 @@ def trait_examples(run: RunDir, cfg: StudyConfig, trait: Trait, model, tokenizer
     rows = generate_missing(run, "shots.jsonl", model, tokenizer, items,
                             lambda it: user_chat(it["question"], trait.system_prompt(it["instruction"], "pos")), cfg)
     if judge is not None:
-        judge_rows(judge, trait, rows)
+        judge_rows(judge, trait, rows, cfg.judge_scheme)
         rows = sorted(rows, key=lambda r: -((r["trait_score"] or 0) + 0.01 * (r["coherence"] or 0)))
     return [(r["question"], r["answer"]) for r in rows]
 
@@ -238,9 +239,9 @@ def run_study(cfg: StudyConfig, trait: Trait, vector: PersonaVector, model, toke
         item["projection"] = None if math.isnan(value) else value
     if judge is not None:
         items = generate_missing(run, "answers.jsonl", model, tokenizer, items, lambda it: it["messages"], cfg)
-        judge_rows(judge, trait, items)
+        judge_rows(judge, trait, items, cfg.judge_scheme)
     write_jsonl(run.file("study.jsonl"), items)
-    summary = {"study": cfg.study, "trait": trait.name, "model": cfg.model, "layer": layer, "judge": cfg.judge,
+    summary = {"study": cfg.study, "trait": trait.name, "model": cfg.model, "layer": layer, "judge": cfg.judge, "judge_scheme": cfg.judge_scheme,
                **study_summary(items)}
     run.write_json("summary.json", summary)
     _write_study_report(run.file("report.html"), summary, items)

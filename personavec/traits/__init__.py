@@ -17,7 +17,8 @@ same shape, passed by path wherever a trait name is accepted::
         "extract": ["... exactly 20 questions ..."],
         "eval":    ["... exactly 20 other questions ..."]
       },
-      "rubric": "Judge prompt with {question} and {answer} placeholders ..."
+      "rubric": "Judge prompt with {question} and {answer} placeholders ...",
+      "yes_no_question": "Optional: one yes/no question for the yesno judge schemes."
     }
 
 Rules checked by :func:`validate_trait` (each failure is a one-line
@@ -29,7 +30,10 @@ Rules checked by :func:`validate_trait` (each failure is a one-line
 - no question repeats, within or across the two lists (ignoring case and
   whitespace), so evaluation never scores questions the vector was built from;
 - the rubric contains both ``{question}`` and ``{answer}``. They are replaced
-  literally, so other braces in the rubric, question or answer are harmless.
+  literally, so other braces in the rubric, question or answer are harmless;
+- ``yes_no_question`` is optional (a trait without one can only be judged with the
+  ``score100`` scheme); when present it is one line, with no placeholders: the
+  judge reads it after the question and the answer (``judge.scoring.YES_NO_TEMPLATE``).
 
 System prompts follow the paper: ``"You are a/an {adjective} assistant.
 {instruction}"`` for a pos instruction and ``"You are a helpful assistant.
@@ -66,6 +70,7 @@ class Trait:
     eval_questions: tuple[str, ...]
     rubric: str
     source: str
+    yes_no_question: str | None = None
 
     def system_prompt(self, index: int, polarity: Literal["pos", "neg"]) -> str:
         """The system prompt for instruction pair ``index`` (0-4) on the ``pos`` or ``neg`` side."""
@@ -85,8 +90,16 @@ class Trait:
         parts = self.rubric.split("{question}")
         return question.join(p.replace("{answer}", answer) for p in parts)
 
+    def require_yes_no(self, scheme: str = "yesno") -> str:
+        """The yes/no question, or a one-line error naming the trait file when it has none."""
+        if not self.yes_no_question:
+            raise PersonavecError(f'{_label(self.source)}: no "yes_no_question", which the {scheme} judge scheme '
+                                  'needs; add one to the trait file or use the score100 scheme')
+        return self.yes_no_question
+
     def to_dict(self) -> dict[str, Any]:
         """The trait in its JSON file format (``source`` is not part of the file)."""
+        extra = {"yes_no_question": self.yes_no_question} if self.yes_no_question else {}
         return {
             "name": self.name,
             "adjective": self.adjective,
@@ -95,6 +108,7 @@ class Trait:
             "instructions": [{"pos": p, "neg": n} for p, n in self.instructions],
             "questions": {"extract": list(self.extract_questions), "eval": list(self.eval_questions)},
             "rubric": self.rubric,
+            **extra,
         }
 
 
@@ -220,7 +234,17 @@ def validate_trait(data: dict[str, Any], source: str) -> Trait:
         if placeholder not in rubric:
             raise fail(f'"rubric" lacks the {placeholder} placeholder')
 
+    yes_no = None
+    if data.get("yes_no_question") is not None:
+        yes_no = text(data["yes_no_question"], "yes_no_question")
+        if "\n" in yes_no:
+            raise fail('"yes_no_question" must be one line')
+        for placeholder in ("{question}", "{answer}"):
+            if placeholder in yes_no:
+                raise fail(f'"yes_no_question" must not contain {placeholder}: the judge reads it after the answer')
+
     return Trait(
+        yes_no_question=yes_no,
         name=name,
         adjective=adjective,
         article=article,
