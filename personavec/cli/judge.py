@@ -10,7 +10,7 @@ import typer
 
 from ..errors import PersonavecError
 from ..judge import DEFAULT_LOCAL_JUDGE
-from .common import console, log, output_file, positive_int
+from .common import chat_output, console, log, output_file, positive_int
 
 JUDGE_HELP = "local:<model> (short name, hub id or folder), openai:<model> (OPENAI_BASE_URL/OPENAI_API_KEY) or none."
 
@@ -48,12 +48,13 @@ def judge_cmd(
 
     A chat whose judge prompt is longer than a local judge's context is not judged: null scores and "skipped".
     """
-    from ..chat import read_chats, write_jsonl
+    from ..chat import read_chats
+    from ..datasets_io import write_chats
     from ..judge import judge_answers
     from ..progress import progress_bar
     from ..traits import load_trait
 
-    output_file(output, "--output")
+    chat_output(output, "--output")
     trait_obj = load_trait(trait)
     records = read_chats(input, require_response=True)
     items = [(_question(r), r.response) for r in records]
@@ -65,7 +66,7 @@ def judge_cmd(
     finally:
         scorer.close()
     # Written only now, atomically: a killed run leaves no output that looks complete (the cache keeps its work).
-    write_jsonl(output, ({**r.to_json(), "judge": s} for r, s in zip(records, scores)))
+    write_chats(output, ({**r.to_json(), "judge": s} for r, s in zip(records, scores)), like=records)
     unscored = sum(s["trait_score"] is None for s in scores)
     skipped = [r.where for r, s in zip(records, scores) if "skipped" in s]
     if skipped:

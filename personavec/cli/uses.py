@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (finite_float, fraction, load_engine_model, log, non_negative_int, output_file, positive_int,
+from .common import (chat_output, finite_float, fraction, load_engine_model, log, non_negative_int, positive_int,
                      run_folder, vector_layer)
 
 VECTOR_HELP = ".safetensors vector file (or .gguf / .pt)"
@@ -47,7 +47,8 @@ def monitor_cmd(
     model: str = typer.Option(..., "--model", help="packaged short name, hub id or local folder"),
     vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
     layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
-    input_path: Optional[Path] = typer.Option(None, "--input", help="chat JSONL to score"),
+    input_path: Optional[Path] = typer.Option(None, "--input", help="chats to score: .jsonl, .parquet or a datasets "
+                                              "folder"),
     output: Optional[Path] = typer.Option(None, "--output", help="the same lines with \"persona\" added"),
     position: str = typer.Option("prompt_last", "--position",
                                  help="prompt_last (before answering) | prompt_avg | response_avg"),
@@ -82,11 +83,12 @@ def monitor_cmd(
                       max_new_tokens, out, batch_size, dtype, force, engine, tensor_parallel_size)
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
-    from ..chat import check_responses, read_chats, write_jsonl
+    from ..chat import check_responses, read_chats
+    from ..datasets_io import write_chats
     from ..pipeline.monitor import monitor_chats, monitor_summary, numeric_field, write_monitor_report
     from ..runs import RunDir
 
-    output_file(output, "--output")
+    chat_output(output, "--output")
     run_folder(_record_dir(output, out), "--out")
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path)
@@ -101,7 +103,7 @@ def monitor_cmd(
         "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
         "layer": layer, "position": position, "threshold": threshold, "scores": scores})
     rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
-    write_jsonl(output, rows)
+    write_chats(output, rows, like=records)
     summary = monitor_summary(rows, top_k, threshold, score_values)
     summary.update(trait=vector.trait, layer=rows[0]["persona"]["layer"], output=str(output))
     run.write_json("summary.json", summary)
@@ -153,7 +155,8 @@ def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, sho
 def screen_cmd(
     model: str = typer.Option(..., "--model"),
     vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
-    data: Path = typer.Option(..., "--data", help="training chat JSONL; the last assistant message is the answer"),
+    data: Path = typer.Option(..., "--data", help="training chats (.jsonl, .parquet or a datasets folder); the last "
+                              "assistant message is the answer"),
     output: Path = typer.Option(..., "--output", help="the same lines with \"persona\" scores added"),
     layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
     approx: bool = typer.Option(False, "--approx", help="no base-model generation: answer minus last prompt token"),
@@ -181,9 +184,11 @@ def screen_cmd(
 
     if drop_top is not None and keep_below is not None:
         raise PersonavecError("use either --drop-top or --keep-below, not both")
-    output_file(output, "--output")
+    from ..datasets_io import kept_path
+
+    chat_output(output, "--output")
     if drop_top is not None or keep_below is not None:
-        output_file(output.with_name(output.stem + ".kept.jsonl"), "--output")
+        chat_output(kept_path(output), "--output")
     run_folder(_record_dir(output, out), "--out")
     vector = PersonaVector.load(vector_path)
     records = read_chats(data, require_response=True)

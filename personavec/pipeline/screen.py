@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..cache import SqliteCache, cache_dir
 from ..chat import ChatRecord, prompt_text, write_jsonl
+from ..datasets_io import kept_path, write_chats
 from ..errors import PersonavecError, arg
 from ..backends import as_backend
 from ..report import figure_html, number, table_html, write_report
@@ -206,16 +207,16 @@ def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVect
                                    "drop_top": drop_top, "keep_below": keep_below})
     personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
     output = Path(output)
-    write_jsonl(output, ({**r.to_json(), "persona": p} for r, p in zip(records, personas)))
+    write_chats(output, ({**r.to_json(), "persona": p} for r, p in zip(records, personas)), like=records)
     if answers:
         write_jsonl(run.file("base_answers.jsonl"), ({"line": i + 1, "answer": a} for i, a in enumerate(answers)))
     summary = screen_summary(records, personas, cfg.rank_by, labels, top_k)
     summary.update(trait=vector.trait, layer=layer, data=cfg.data, output=str(output))
     if drop_top is not None or keep_below is not None:
         kept = select_rows(personas, cfg.rank_by, drop_top, keep_below)
-        filtered = output.with_name(output.stem + ".kept.jsonl")
+        filtered = kept_path(output)
         # the original lines, without the added scores: ready to train on
-        write_jsonl(filtered, (records[i].to_json() for i in kept))
+        write_chats(filtered, (records[i].to_json() for i in kept), like=records)
         summary["filtered"] = {"path": str(filtered), "kept": len(kept), "of": len(records),
                                "rule": f"drop top {drop_top:.0%}" if drop_top is not None else f"{cfg.rank_by} < {keep_below}"}
     run.write_json("summary.json", summary)
