@@ -179,14 +179,11 @@ def arrow_table(rows: list[dict], schema=None):
 def write_chats(path: str | Path, rows: Iterable[dict], like: list | None = None) -> Path:
     """Write chat rows atomically in the format `path` names; `like` (the input `ChatTable`) gives column types."""
     from .atomic import atomic_write
-    from .chat import write_jsonl
 
     path = Path(path)
     fmt = chat_format(path)
     schema = getattr(like, "schema", None)
-    if fmt == "jsonl":
-        if schema is None:
-            return write_jsonl(path, rows)
+    if fmt == "jsonl":  # exactly chat.write_jsonl's lines; `default` only matters for rows read from Parquet
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -58,7 +58,11 @@ class BaseAnswerCache(SqliteCache):
     """The model's own greedy answers, keyed by (model fingerprint, max_new_tokens, templated prompt)."""
 
     def __init__(self, path: str | Path | None = None):
-        super().__init__(path or cache_dir() / "base_answers.sqlite", table="base_answers")
+        super().__init__(path or self.default_path(), table="base_answers")
+
+    @staticmethod
+    def default_path() -> Path:
+        return cache_dir() / "base_answers.sqlite"
 
 
 def base_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 16,
@@ -93,12 +97,7 @@ def screen_records(model, tokenizer, records: list[ChatRecord], vector: PersonaV
 
     A chat longer than the context limit gets null scores and `"skipped"`.
     """
-    missing = next((r for r in records if not r.has_response), None)
-    if missing is not None:
-        raise PersonavecError(f"{missing.where}: the chat has no final assistant message; screen scores the answer")
-    empty = next((r for r in records if not r.response.strip()), None)
-    if empty is not None:
-        raise PersonavecError(f"{empty.where}: the assistant answer is empty; screen needs at least one token")
+    check_screen_records(records)
     vector.check_model(model)
     layer = vector.check_layer(cfg.layer)
     data = project_chats(model, tokenizer, [r.messages for r in records], vector, layer,
@@ -140,6 +139,16 @@ def screen_records(model, tokenizer, records: list[ChatRecord], vector: PersonaV
                 persona["projection_difference"] = None if math.isnan(difference[i]) else difference[i]
         personas.append(persona)
     return personas, answers
+
+
+def check_screen_records(records: list[ChatRecord]) -> None:
+    """Every chat needs a non-empty final answer (screen scores it); refused before any model runs."""
+    missing = next((r for r in records if not r.has_response), None)
+    if missing is not None:
+        raise PersonavecError(f"{missing.where}: the chat has no final assistant message; screen scores the answer")
+    empty = next((r for r in records if not r.response.strip()), None)
+    if empty is not None:
+        raise PersonavecError(f"{empty.where}: the assistant answer is empty; screen needs at least one token")
 
 
 def read_labels(records: list[ChatRecord], name: str) -> list[int]:
@@ -196,16 +205,27 @@ def _text(text: str, width: int = 100) -> str:
 
 def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVector, model, tokenizer,
                output: str | Path, run_dir: str | Path, labels_field: str | None = None, drop_top: float | None = None,
-               keep_below: float | None = None, top_k: int = 20, cache: BaseAnswerCache | None = None) -> dict:
-    """Score, write the scored JSONL (and the filtered one), the run folder's summary and report."""
+               keep_below: float | None = None, top_k: int = 20, cache: BaseAnswerCache | None = None,
+               scorer=None, extra_config: dict | None = None) -> dict:
+    """Score, write the scored output (and the filtered one), the run folder's summary and report.
+
+    `scorer(records, run)` -> `(personas, base answers)` replaces the in-process `screen_records` (the Ray runner,
+    `personavec.pipeline.scale`, passes one; `model` may then be None). Everything after the scores is the same.
+    """
     if drop_top is not None and keep_below is not None:
         raise PersonavecError(f"use either {arg('drop_top')} or {arg('keep_below')}, not both")
     labels = read_labels(records, labels_field) if labels_field else None
-    vector.check_model(model)  # a vector for another model says so before anything about its layer
+    if scorer is None:
+        vector.check_model(model)  # a vector for another model says so before anything about its layer
+    else:
+        check_screen_records(records)
     layer = vector.check_layer(cfg.layer)
     run = RunDir.replace(run_dir, {**cfg.as_config(), "layer": layer, "labels": labels_field,
-                                   "drop_top": drop_top, "keep_below": keep_below})
-    personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
+                                   "drop_top": drop_top, "keep_below": keep_below, **(extra_config or {})})
+    if scorer is None:
+        personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
+    else:
+        personas, answers = scorer(records, run)
     output = Path(output)
     write_chats(output, ({**r.to_json(), "persona": p} for r, p in zip(records, personas)), like=records)
     if answers:
