@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -239,12 +240,15 @@ def score_with_ray(kind: str, records: list[ChatRecord], vector, task: dict, run
             ray = session.ray
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own line per shard is enough
             ctx.execution_options.preserve_order = True
             items = [{"shard": k, "chats": json.dumps([(records[i].where, records[i].messages) for i in store.span(k)],
                                                       ensure_ascii=False)} for k in todo]
             ds = ray.data.from_items(items, override_num_blocks=len(items))
+            # one shard in flight per actor: a retried worker redoes one shard, and the last shards spread evenly
+            pool = ray.data.ActorPoolStrategy(size=min(rc.workers, len(todo)), max_tasks_in_flight_per_actor=1)
             scored = ds.map_batches(
-                ShardScorer, batch_size=1, concurrency=rc.workers, num_cpus=rc.threads(),
+                ShardScorer, batch_size=1, compute=pool, num_cpus=rc.threads(),
                 num_gpus=rc.gpus_per_worker or None,
                 fn_constructor_kwargs={"task": task, "vector": vector, "threads": rc.threads()})
             # Ray Data creates these actors with max_restarts=-1 and max_task_retries=-1 (its defaults for map actors;
