@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from personavec.chat import ChatRecord
+from personavec.chat import ChatRecord, encode_chat
 from personavec.models import hidden_size, load_model, n_layers
 from personavec.pipeline.scale import RayConfig, ray_task, score_with_ray
 from personavec.pipeline.screen import ScreenConfig, screen_records
@@ -73,10 +73,11 @@ def main() -> None:
     single, _ = screen_records(model, tokenizer, records, vector, cfg, show_progress=False)
     t_single, t_score = time.perf_counter() - t0, time.perf_counter() - t1
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    n_tokens = sum(len(tokenizer.apply_chat_template(r.messages, tokenize=True)) for r in records[:200]) / 200
+    n_tokens = sum(len(encode_chat(tokenizer, r.messages).input_ids) for r in records) / len(records)
     del model
     print(f"{args.model} ({dtype}), {len(records)} chats (~{n_tokens:.0f} tokens each), layer {args.layer}, "
           f"screen --approx, batch {args.batch_size}, shards of {args.shard_size}, {cores} cores")
+    print(f"one process: {t_single:.1f} s ({t_score:.1f} s scoring)", flush=True)
 
     t0 = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -99,8 +100,9 @@ def main() -> None:
                           for _, k in later) / (later[-1][0] - arrivals[workers - 1][0])) if later else float("nan")
             worst = max(abs(r["persona"]["approx_projection_difference"] - s["approx_projection_difference"])
                         for r, s in zip(rows, single))
-            results[f"Ray, {workers} worker{'s' if workers > 1 else ''} x {threads} core{'s' if threads > 1 else ''}"] = \
-                (elapsed, worst, steady)
+            name = f"Ray, {workers} worker{'s' if workers > 1 else ''} x {threads} core{'s' if threads > 1 else ''}"
+            results[name] = (elapsed, worst, steady)
+            print(f"{name}: {elapsed:.1f} s (steady {steady:.1f} chats/s)", flush=True)
     finally:
         ray.shutdown()
 

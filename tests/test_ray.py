@@ -18,10 +18,21 @@ DATA = [{"row": i, "messages": [{"role": "user", "content": f"question {i} " + "
          "y": i % 2, "meta": {"k": [i, None]}} for i in range(11)]
 
 
+def need_ray():
+    """ray and ray.data, or a skip with the reason; under CI (which installs the `test` extra) a failure instead."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"ray is not installed ({exc}); the test extra brings it: pip install -e '.[test]'")
+        pytest.skip("needs ray[data]: pip install 'personavec[ray]'")
+    return ray
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    ray = pytest.importorskip("ray", reason="needs ray: pip install 'personavec[ray]'")
-    pytest.importorskip("ray.data", reason="needs ray[data]: pip install 'personavec[ray]'")
+    ray = need_ray()
     from personavec.pipeline.scale import CRASH_ENV
 
     marker = tmp_path_factory.mktemp("crash") / "crashed"
