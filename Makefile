@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.personavec-installed
 
-.PHONY: setup demo test test-slow bench setup-vllm test-vllm bench-vllm setup-chromium clean
+.PHONY: setup demo test test-ray test-slow bench setup-vllm test-vllm bench-vllm setup-chromium clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: setup
 # The default suite: unit tests on tiny random models plus integration tests on smollm2-135m (fetched once).
 test: setup
 	$(PY) -m pytest -q
+
+# Only the Ray tests (tests/test_ray.py, marker ray: a local 2-CPU cluster, ~1.5 min); `make test` runs them too.
+test-ray: setup
+	$(PY) -m pytest -q -m ray
 
 # Debian's chromium for the dashboard test (tests/test_serve.py); skipped without it, except under CI.
 setup-chromium:

@@ -125,10 +125,20 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 def read_chats(path: str | Path, require_response: bool = False) -> list[ChatRecord]:
-    """Read a chat JSONL file. With `require_response`, every chat must end with an assistant message."""
-    records = []
-    for number, obj in iter_jsonl(path):
-        where = f"{path}:{number}"
+    """Read a chat file: JSON Lines, Parquet (`.parquet`) or a `datasets` folder (see `personavec.datasets_io`).
+    With `require_response`, every chat must end with an assistant message.
+
+    Returns a `ChatTable` (a list of `ChatRecord`) that also carries a Parquet/`datasets` input's column types, so
+    `datasets_io.write_chats(..., like=records)` writes them back unchanged."""
+    from .datasets_io import ChatTable, chat_format, iter_rows
+
+    records = ChatTable()
+    if chat_format(path) == "jsonl":
+        rows = ((f"{path}:{number}", obj) for number, obj in iter_jsonl(path))
+    else:
+        records.format = chat_format(path)
+        rows = iter_rows(path, records)
+    for where, obj in rows:
         if "messages" not in obj:
             raise PersonavecError(f"{where}: missing \"messages\"")
         messages = _validate_messages(obj["messages"], where)

@@ -113,6 +113,18 @@ def output_file(path: Optional[Path], flag: str) -> Optional[Path]:
     return path
 
 
+def chat_output(path: Optional[Path], flag: str) -> Optional[Path]:
+    """`output_file` for a chat output: also a `datasets` folder (`NAME.hf`, or one written before), and the package
+    its format needs (pyarrow for `.parquet`, datasets for a folder) is checked before any work."""
+    from ..datasets_io import check_output, is_hf_folder
+
+    if path is None:
+        return None
+    if not is_hf_folder(path):
+        output_file(path, flag)
+    return check_output(path, flag)
+
+
 def run_folder(path: Optional[Path], flag: str) -> Optional[Path]:
     """Refuse a run folder path that is a file (or lies under one) before anything is computed."""
     if path is None:

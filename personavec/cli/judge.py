@@ -10,7 +10,7 @@ import typer
 
 from ..errors import PersonavecError
 from ..judge import DEFAULT_LOCAL_JUDGE
-from .common import console, log, output_file, positive_int
+from .common import chat_output, console, log, output_file, positive_int
 
 JUDGE_HELP = "local:<model> (short name, hub id or folder), openai:<model> (OPENAI_BASE_URL/OPENAI_API_KEY) or none."
 SCHEME_HELP = ("score100 (the paper's 0-100 rubric) | yesno (P(Yes) for the trait's yes/no question) | yesno2 "
@@ -89,13 +89,14 @@ def judge_cmd(
     for a packaged judge (personavec/data/judge_choices.json), else score100. Coherence is always 0-100.
     A chat whose judge prompt is longer than a local judge's context is not judged: null scores and "skipped".
     """
-    from ..chat import read_chats, write_jsonl
     from ..calibration import plan_judging, read_calibration
+    from ..chat import read_chats
+    from ..datasets_io import write_chats
     from ..judge import judge_answers, judge_calls, parse_spec
     from ..progress import progress_bar
     from ..traits import load_trait
 
-    output_file(output, "--output")
+    chat_output(output, "--output")
     trait_obj = load_trait(trait)
     if scheme is not None and scheme != "score100":
         trait_obj.require_yes_no(scheme)
@@ -115,7 +116,8 @@ def judge_cmd(
     finally:
         scorer.close()
     # Written only now, atomically: a killed run leaves no output that looks complete (the cache keeps its work).
-    write_jsonl(output, ({**r.to_json(), "judge": {**s, "scheme": plan.scheme}} for r, s in zip(records, scores)))
+    write_chats(output, ({**r.to_json(), "judge": {**s, "scheme": plan.scheme}} for r, s in zip(records, scores)),
+                like=records)
     unscored = sum(s["trait_score"] is None for s in scores)
     skipped = [r.where for r, s in zip(records, scores) if "skipped" in s]
     if skipped:

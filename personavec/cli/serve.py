@@ -83,8 +83,6 @@ def serve_cmd(
                      log=RequestLog(log_path, content=log_content))
     log(f"serving {model} with traits {', '.join(service.traits) or 'none'} on http://{host}:{port} "
         f"(dashboard at /, OpenAI API at /v1)")
-    import uvicorn
-
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import PersonavecError
+from .common import (chat_output, finite_float, fraction, load_engine_model, log, non_negative_float, non_negative_int,
+                     positive_int, run_folder, vector_layer)
 from .judge import scheme_option
-from .common import (finite_float, fraction, load_engine_model, log, non_negative_int, output_file, positive_int,
-                     run_folder, vector_layer)
 
 VECTOR_HELP = ".safetensors vector file (or .gguf / .pt)"
 LAYER_HELP = "layer to read (default: the layer recorded in the vector file)"
@@ -35,6 +36,23 @@ def _print_distribution(title: str, dist: dict) -> None:
         f"p10 {dist['p10']:.3f}, median {dist['median']:.3f}, p90 {dist['p90']:.3f}, max {dist['max']:.3f}")
 
 
+def _ray_config(ray: bool, address, workers, gpus_per_worker, cpus_per_worker, shard_size):
+    """A RayConfig for `--ray` (or `--ray-address`), None without; the Ray-only flags are refused without it."""
+    if not ray and address is None:
+        given = [f for f, v in (("--workers", workers), ("--gpus-per-worker", gpus_per_worker),
+                                ("--cpus-per-worker", cpus_per_worker), ("--shard-size", shard_size)) if v is not None]
+        if given:
+            raise PersonavecError(f"{given[0]} needs --ray")
+        return None
+    from ..datasets_io import need
+    from ..pipeline.scale import RayConfig
+
+    need("ray", "--ray")
+    need("ray.data", "--ray")
+    return RayConfig(address=address, workers=workers or 1, gpus_per_worker=gpus_per_worker or 0.0,
+                     cpus_per_worker=cpus_per_worker, shard_size=shard_size or 256)
+
+
 def _trait_for(vector, trait_name: Optional[str]):
     from ..traits import load_trait
 
@@ -48,7 +66,8 @@ def monitor_cmd(
     model: str = typer.Option(..., "--model", help="packaged short name, hub id or local folder"),
     vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
     layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
-    input_path: Optional[Path] = typer.Option(None, "--input", help="chat JSONL to score"),
+    input_path: Optional[Path] = typer.Option(None, "--input", help="chats to score: .jsonl, .parquet or a datasets "
+                                              "folder"),
     output: Optional[Path] = typer.Option(None, "--output", help="the same lines with \"persona\" added"),
     position: str = typer.Option("prompt_last", "--position",
                                  help="prompt_last (before answering) | prompt_avg | response_avg"),
@@ -77,11 +96,25 @@ def monitor_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
+    ray: bool = typer.Option(False, "--ray", help="score on Ray Data with an actor pool (personavec[ray]); a local "
+                             "cluster unless --ray-address"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="an existing Ray cluster (implies --ray)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="--ray: actors, each holding one model (default 1)",
+                                          callback=positive_int),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--ray: GPUs per actor (default 0)",
+                                                    callback=non_negative_float),
+    cpus_per_worker: Optional[int] = typer.Option(None, "--cpus-per-worker", help="--ray: CPUs (torch threads) per "
+                                                  "actor (default: local cores / workers)", callback=positive_int),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--ray: chats per shard, the unit of retry "
+                                             "and resume (default 256)", callback=positive_int),
 ) -> None:
     """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
     from ..vectors import PersonaVector
 
+    rc = _ray_config(ray, ray_address, workers, gpus_per_worker, cpus_per_worker, shard_size)
     if study is not None:
+        if rc is not None:
+            raise PersonavecError("--ray scores --input files; --study runs in one process")
         run_folder(out, "--out")
         vector = PersonaVector.load(vector_path)
         return _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions,
@@ -89,26 +122,38 @@ def monitor_cmd(
                       scheme, calibration, no_calibrate)
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
-    from ..chat import check_responses, read_chats, write_jsonl
-    from ..pipeline.monitor import monitor_chats, monitor_summary, numeric_field, write_monitor_report
+    from ..chat import check_responses, read_chats
+    from ..datasets_io import write_chats
+    from ..pipeline.monitor import monitor_chats, monitor_rows, monitor_summary, numeric_field, write_monitor_report
     from ..runs import RunDir
 
-    output_file(output, "--output")
+    chat_output(output, "--output")
     run_folder(_record_dir(output, out), "--out")
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path)
     if position == "response_avg":  # before the model is loaded and the run folder written
         check_responses(records, "--position response_avg averages the answer's tokens")
     score_values = [numeric_field(r, scores) for r in records] if scores else None
-    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
-    layer = vector_layer(vector, lm, layer)
+    if rc is None:
+        lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+        layer = vector_layer(vector, lm, layer)
+    else:  # the actors load the model (and check the vector against it)
+        layer = vector.check_layer(layer)
     # The run folder is locked from here until the command ends: a second monitor into it is refused, so the
     # output and the run folder always come from one run.
     run = RunDir.replace(_record_dir(output, out), {
         "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
-        "layer": layer, "position": position, "threshold": threshold, "scores": scores})
-    rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
-    write_jsonl(output, rows)
+        "layer": layer, "position": position, "threshold": threshold, "scores": scores,
+        **({"ray": asdict(rc)} if rc else {})})
+    if rc is None:
+        rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
+    else:
+        from ..pipeline.scale import ray_monitor_personas
+
+        rows = monitor_rows(records, ray_monitor_personas(records, vector, model, layer, position, threshold,
+                                                          batch_size, max_length, engine, dtype,
+                                                          tensor_parallel_size, run.path, rc, log))
+    write_chats(output, rows, like=records)
     summary = monitor_summary(rows, top_k, threshold, score_values)
     summary.update(trait=vector.trait, layer=rows[0]["persona"]["layer"], output=str(output))
     run.write_json("summary.json", summary)
@@ -122,6 +167,10 @@ def monitor_cmd(
     if scores:
         c = summary["correlation"]
         log(f"projection vs {scores}: Pearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])} (n {c['n']})")
+    if rc is not None:
+        from ..pipeline.scale import clear_shards
+
+        clear_shards(run.path)
     print(f"wrote {output}\nreport: {run.file('report.html')}")
 
 
@@ -170,7 +219,8 @@ def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, sho
 def screen_cmd(
     model: str = typer.Option(..., "--model"),
     vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
-    data: Path = typer.Option(..., "--data", help="training chat JSONL; the last assistant message is the answer"),
+    data: Path = typer.Option(..., "--data", help="training chats (.jsonl, .parquet or a datasets folder); the last "
+                              "assistant message is the answer"),
     output: Path = typer.Option(..., "--output", help="the same lines with \"persona\" scores added"),
     layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
     approx: bool = typer.Option(False, "--approx", help="no base-model generation: answer minus last prompt token"),
@@ -190,6 +240,17 @@ def screen_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
+    ray: bool = typer.Option(False, "--ray", help="score on Ray Data with an actor pool (personavec[ray]); a local "
+                             "cluster unless --ray-address"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="an existing Ray cluster (implies --ray)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="--ray: actors, each holding one model (default 1)",
+                                          callback=positive_int),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--ray: GPUs per actor (default 0)",
+                                                    callback=non_negative_float),
+    cpus_per_worker: Optional[int] = typer.Option(None, "--cpus-per-worker", help="--ray: CPUs (torch threads) per "
+                                                  "actor (default: local cores / workers)", callback=positive_int),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--ray: chats per shard, the unit of retry "
+                                             "and resume (default 256)", callback=positive_int),
 ) -> None:
     """Score training data by projection difference (the paper's ΔP) to find samples that push a trait."""
     from ..chat import read_chats
@@ -198,17 +259,30 @@ def screen_cmd(
 
     if drop_top is not None and keep_below is not None:
         raise PersonavecError("use either --drop-top or --keep-below, not both")
-    output_file(output, "--output")
+    rc = _ray_config(ray, ray_address, workers, gpus_per_worker, cpus_per_worker, shard_size)
+    from ..datasets_io import kept_path
+
+    chat_output(output, "--output")
     if drop_top is not None or keep_below is not None:
-        output_file(output.with_name(output.stem + ".kept.jsonl"), "--output")
+        chat_output(kept_path(output), "--output")
     run_folder(_record_dir(output, out), "--out")
     vector = PersonaVector.load(vector_path)
     records = read_chats(data, require_response=True)
     cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
-    s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
-                   keep_below, top_k)
+    if rc is None:
+        lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+        s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
+                       keep_below, top_k)
+    else:  # the actors load the model; everything after the scores is the single-process path
+        from ..pipeline.scale import clear_shards, ray_screen_scorer, ray_task
+        from ..pipeline.screen import BaseAnswerCache
+
+        task = ray_task(model, engine, dtype, tensor_parallel_size, cfg, str(BaseAnswerCache.default_path()))
+        s = run_screen(cfg, records, vector, None, None, output, _record_dir(output, out), labels, drop_top,
+                       keep_below, top_k, scorer=ray_screen_scorer(cfg, vector, task, rc, log),
+                       extra_config={"ray": asdict(rc)})
+        clear_shards(_record_dir(output, out))
     for name, dist in s["distribution"].items():
         _print_distribution(f"{name} at layer {s['layer']}", dist)
     log(f"dataset mean {s['rank_by']}: {_fmt(s['mean'][s['rank_by']])}")

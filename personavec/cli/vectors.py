@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (finite_float, load_engine_model, log, non_negative_float, non_negative_int, output_file,
-                     positive_int, vector_layer)
+from .common import (chat_output, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
+                     output_file, positive_int, vector_layer)
 
 
 def vector_cmd(
@@ -76,7 +76,7 @@ def steer_cmd(
         raise PersonavecError("--input and --output go together")
     if prompt is not None and input_path is not None:
         raise PersonavecError("use either --prompt or --input, not both")
-    output_file(output_path, "--output")
+    chat_output(output_path, "--output")
     vector = PersonaVector.load(vector_path)
     records = read_chats(input_path) if input_path else None
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size, trust_remote_code)
@@ -102,7 +102,7 @@ def _answer_file(lm, tokenizer, records, output_path: Path, kwargs: dict, steer_
     """Answer every chat of `--input`; a chat whose prompt is longer than the model's context is not generated
     (it would run far past what the model knows, for minutes): its line keeps only the prompt, with
     `"steering": {..., "skipped": why}`, so output line i still belongs to input line i."""
-    from ..chat import write_jsonl
+    from ..datasets_io import write_chats
     from ..generate import generate, over_context
 
     prompts = [r.prompt for r in records]
@@ -119,7 +119,7 @@ def _answer_file(lm, tokenizer, records, output_path: Path, kwargs: dict, steer_
         return {**r.fields, "messages": r.prompt + [{"role": "assistant", "content": answers[i]}],
                 "steering": steer_info}
 
-    write_jsonl(output_path, (row(i) for i in range(len(records))))
+    write_chats(output_path, (row(i) for i in range(len(records))), like=records)
     if skipped:
         where = [records[i].where for i in sorted(skipped)]
         log(f"skipped {len(skipped)} of {len(records)} chats, {why}: {', '.join(where[:10])}"

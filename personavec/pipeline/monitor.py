@@ -49,19 +49,33 @@ def monitor_chats(model, tokenizer, records: list[ChatRecord], vector: PersonaVe
     A chat longer than the context gets `"projection": null` and `"skipped"`.
     With `threshold`, `"flagged"` says whether the projection is above it.
     """
+    personas = monitor_personas(model, tokenizer, records, vector, layer, position, threshold, batch_size, max_length,
+                                show_progress)
+    return monitor_rows(records, personas)
+
+
+def check_monitor_records(records: list[ChatRecord], position: str) -> None:
+    """What can be refused before any model runs: an unknown position, chats that `response_avg` cannot read."""
     if position not in MONITOR_POSITIONS:
         raise PersonavecError(f"{arg('position', repr(position))}: use {', '.join(MONITOR_POSITIONS)}")
-    vector.check_model(model)
-    layer = vector.check_layer(layer)
     if position == "response_avg":
         missing = next((r for r in records if not r.has_response), None)
         if missing is not None:
             raise PersonavecError(f"{missing.where}: {arg('position', 'response_avg')} needs a final assistant message")
         check_responses(records, f"{arg('position', 'response_avg')} averages the answer's tokens")
+
+
+def monitor_personas(model, tokenizer, records: list[ChatRecord], vector: PersonaVector, layer: int | None = None,
+                     position: str = "prompt_last", threshold: float | None = None, batch_size: int = 16,
+                     max_length: int | None = None, show_progress: bool = True) -> list[dict]:
+    """The `"persona"` dict of each chat, in input order (what `monitor_chats` adds to each line)."""
+    check_monitor_records(records, position)
+    vector.check_model(model)
+    layer = vector.check_layer(layer)
     scores = project_chats(model, tokenizer, [r.messages for r in records], vector, layer, (position,),
                            batch_size=batch_size, max_length=max_length, show_progress=show_progress)[position]
-    rows = []
-    for record, score in zip(records, scores):
+    personas = []
+    for score in scores:
         persona = {"trait": vector.trait, "layer": layer, "projection": None if math.isnan(score) else score}
         if position != "prompt_last":
             persona["position"] = position
@@ -69,8 +83,13 @@ def monitor_chats(model, tokenizer, records: list[ChatRecord], vector: PersonaVe
             persona["skipped"] = "longer than the context limit"
         elif threshold is not None:
             persona["flagged"] = score > threshold
-        rows.append({**record.to_json(), "persona": persona})
-    return rows
+        personas.append(persona)
+    return personas
+
+
+def monitor_rows(records: list[ChatRecord], personas: list[dict]) -> list[dict]:
+    """Each input line with its `"persona"` added (every other field kept)."""
+    return [{**record.to_json(), "persona": persona} for record, persona in zip(records, personas)]
 
 
 def _snippet(row: dict, width: int = 90) -> str:

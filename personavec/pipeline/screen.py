@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..cache import SqliteCache, cache_dir
 from ..chat import ChatRecord, prompt_text, write_jsonl
+from ..datasets_io import kept_path, write_chats
 from ..errors import PersonavecError, arg
 from ..backends import as_backend
 from ..report import figure_html, number, table_html, write_report
@@ -57,7 +58,11 @@ class BaseAnswerCache(SqliteCache):
     """The model's own greedy answers, keyed by (model fingerprint, max_new_tokens, templated prompt)."""
 
     def __init__(self, path: str | Path | None = None):
-        super().__init__(path or cache_dir() / "base_answers.sqlite", table="base_answers")
+        super().__init__(path or self.default_path(), table="base_answers")
+
+    @staticmethod
+    def default_path() -> Path:
+        return cache_dir() / "base_answers.sqlite"
 
 
 def base_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 16,
@@ -92,12 +97,7 @@ def screen_records(model, tokenizer, records: list[ChatRecord], vector: PersonaV
 
     A chat longer than the context limit gets null scores and `"skipped"`.
     """
-    missing = next((r for r in records if not r.has_response), None)
-    if missing is not None:
-        raise PersonavecError(f"{missing.where}: the chat has no final assistant message; screen scores the answer")
-    empty = next((r for r in records if not r.response.strip()), None)
-    if empty is not None:
-        raise PersonavecError(f"{empty.where}: the assistant answer is empty; screen needs at least one token")
+    check_screen_records(records)
     vector.check_model(model)
     layer = vector.check_layer(cfg.layer)
     data = project_chats(model, tokenizer, [r.messages for r in records], vector, layer,
@@ -139,6 +139,16 @@ def screen_records(model, tokenizer, records: list[ChatRecord], vector: PersonaV
                 persona["projection_difference"] = None if math.isnan(difference[i]) else difference[i]
         personas.append(persona)
     return personas, answers
+
+
+def check_screen_records(records: list[ChatRecord]) -> None:
+    """Every chat needs a non-empty final answer (screen scores it); refused before any model runs."""
+    missing = next((r for r in records if not r.has_response), None)
+    if missing is not None:
+        raise PersonavecError(f"{missing.where}: the chat has no final assistant message; screen scores the answer")
+    empty = next((r for r in records if not r.response.strip()), None)
+    if empty is not None:
+        raise PersonavecError(f"{empty.where}: the assistant answer is empty; screen needs at least one token")
 
 
 def read_labels(records: list[ChatRecord], name: str) -> list[int]:
@@ -195,27 +205,38 @@ def _text(text: str, width: int = 100) -> str:
 
 def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVector, model, tokenizer,
                output: str | Path, run_dir: str | Path, labels_field: str | None = None, drop_top: float | None = None,
-               keep_below: float | None = None, top_k: int = 20, cache: BaseAnswerCache | None = None) -> dict:
-    """Score, write the scored JSONL (and the filtered one), the run folder's summary and report."""
+               keep_below: float | None = None, top_k: int = 20, cache: BaseAnswerCache | None = None,
+               scorer=None, extra_config: dict | None = None) -> dict:
+    """Score, write the scored output (and the filtered one), the run folder's summary and report.
+
+    `scorer(records, run)` -> `(personas, base answers)` replaces the in-process `screen_records` (the Ray runner,
+    `personavec.pipeline.scale`, passes one; `model` may then be None). Everything after the scores is the same.
+    """
     if drop_top is not None and keep_below is not None:
         raise PersonavecError(f"use either {arg('drop_top')} or {arg('keep_below')}, not both")
     labels = read_labels(records, labels_field) if labels_field else None
-    vector.check_model(model)  # a vector for another model says so before anything about its layer
+    if scorer is None:
+        vector.check_model(model)  # a vector for another model says so before anything about its layer
+    else:
+        check_screen_records(records)
     layer = vector.check_layer(cfg.layer)
     run = RunDir.replace(run_dir, {**cfg.as_config(), "layer": layer, "labels": labels_field,
-                                   "drop_top": drop_top, "keep_below": keep_below})
-    personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
+                                   "drop_top": drop_top, "keep_below": keep_below, **(extra_config or {})})
+    if scorer is None:
+        personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
+    else:
+        personas, answers = scorer(records, run)
     output = Path(output)
-    write_jsonl(output, ({**r.to_json(), "persona": p} for r, p in zip(records, personas)))
+    write_chats(output, ({**r.to_json(), "persona": p} for r, p in zip(records, personas)), like=records)
     if answers:
         write_jsonl(run.file("base_answers.jsonl"), ({"line": i + 1, "answer": a} for i, a in enumerate(answers)))
     summary = screen_summary(records, personas, cfg.rank_by, labels, top_k)
     summary.update(trait=vector.trait, layer=layer, data=cfg.data, output=str(output))
     if drop_top is not None or keep_below is not None:
         kept = select_rows(personas, cfg.rank_by, drop_top, keep_below)
-        filtered = output.with_name(output.stem + ".kept.jsonl")
+        filtered = kept_path(output)
         # the original lines, without the added scores: ready to train on
-        write_jsonl(filtered, (records[i].to_json() for i in kept))
+        write_chats(filtered, (records[i].to_json() for i in kept), like=records)
         summary["filtered"] = {"path": str(filtered), "kept": len(kept), "of": len(records),
                                "rule": f"drop top {drop_top:.0%}" if drop_top is not None else f"{cfg.rank_by} < {keep_below}"}
     run.write_json("summary.json", summary)
