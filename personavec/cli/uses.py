@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,6 +12,19 @@ from ..errors import PersonavecError
 from .common import (chat_output, finite_float, fraction, load_engine_model, log, non_negative_float, non_negative_int,
                      positive_int, run_folder, vector_layer)
 from .judge import scheme_option
+
+# The Ray options of `monitor` and `screen`, declared once.
+RayFlag = Annotated[bool, typer.Option("--ray", help="score on Ray Data with an actor pool (personavec[ray]); a local "
+                                       "cluster unless --ray-address")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="an existing Ray cluster (implies --ray)")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="--ray: actors, each holding one model (default 1)",
+                                                callback=positive_int)]
+GpusPerWorker = Annotated[Optional[float], typer.Option("--gpus-per-worker", help="--ray: GPUs per actor (default 0)",
+                                                        callback=non_negative_float)]
+CpusPerWorker = Annotated[Optional[int], typer.Option("--cpus-per-worker", help="--ray: CPUs (torch threads) per actor "
+                                                      "(default: local cores / workers)", callback=positive_int)]
+ShardSize = Annotated[Optional[int], typer.Option("--shard-size", help="--ray: chats per shard, the unit of retry and "
+                                                  "resume (default 256)", callback=positive_int)]
 
 VECTOR_HELP = ".safetensors vector file (or .gguf / .pt)"
 LAYER_HELP = "layer to read (default: the layer recorded in the vector file)"
@@ -96,17 +109,12 @@ def monitor_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
-    ray: bool = typer.Option(False, "--ray", help="score on Ray Data with an actor pool (personavec[ray]); a local "
-                             "cluster unless --ray-address"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="an existing Ray cluster (implies --ray)"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="--ray: actors, each holding one model (default 1)",
-                                          callback=positive_int),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--ray: GPUs per actor (default 0)",
-                                                    callback=non_negative_float),
-    cpus_per_worker: Optional[int] = typer.Option(None, "--cpus-per-worker", help="--ray: CPUs (torch threads) per "
-                                                  "actor (default: local cores / workers)", callback=positive_int),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--ray: chats per shard, the unit of retry "
-                                             "and resume (default 256)", callback=positive_int),
+    ray: RayFlag = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    shard_size: ShardSize = None,
 ) -> None:
     """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
     from ..vectors import PersonaVector
@@ -240,17 +248,12 @@ def screen_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
-    ray: bool = typer.Option(False, "--ray", help="score on Ray Data with an actor pool (personavec[ray]); a local "
-                             "cluster unless --ray-address"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="an existing Ray cluster (implies --ray)"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="--ray: actors, each holding one model (default 1)",
-                                          callback=positive_int),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", help="--ray: GPUs per actor (default 0)",
-                                                    callback=non_negative_float),
-    cpus_per_worker: Optional[int] = typer.Option(None, "--cpus-per-worker", help="--ray: CPUs (torch threads) per "
-                                                  "actor (default: local cores / workers)", callback=positive_int),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="--ray: chats per shard, the unit of retry "
-                                             "and resume (default 256)", callback=positive_int),
+    ray: RayFlag = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    cpus_per_worker: CpusPerWorker = None,
+    shard_size: ShardSize = None,
 ) -> None:
     """Score training data by projection difference (the paper's ΔP) to find samples that push a trait."""
     from ..chat import read_chats
