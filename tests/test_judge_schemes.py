@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import string
 
 import pytest
 import torch
@@ -134,21 +133,10 @@ def test_judge_answers_per_scheme_and_cache(tmp_path):
 
 
 def _yes_no_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tiny import tiny_tokenizer
 
-    from tiny import CHAT_TEMPLATE, SPECIALS
-
-    chars = list(dict.fromkeys(string.digits + string.ascii_letters + string.punctuation))
-    merges = [("Y", "e"), ("Ye", "s"), ("y", "e"), ("ye", "s"), ("N", "o"), ("n", "o"), ("Y", "E"), ("YE", "S")]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars + ["".join(m) for m in merges])}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
-                                  additional_special_tokens=SPECIALS[3:])
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
+    return tiny_tokenizer(merges=[("Y", "e"), ("Ye", "s"), ("y", "e"), ("ye", "s"), ("N", "o"), ("n", "o"),
+                                  ("Y", "E"), ("YE", "S")])
 
 
 def test_local_yes_no_matches_a_plain_forward(tmp_path):

@@ -20,12 +20,13 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def tiny_tokenizer(multi_digit: bool = False):
+def tiny_tokenizer(multi_digit: bool = False, merges: list[tuple[str, str]] | None = None):
+    """A character-level BPE tokenizer with our chat template; `merges` adds multi-character tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(string.digits + string.ascii_letters + string.punctuation))
-    merges = [("1", "0"), ("10", "0"), ("8", "5")] if multi_digit else []
+    merges = list(merges or []) + ([("1", "0"), ("10", "0"), ("8", "5")] if multi_digit else [])
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars + ["".join(m) for m in merges])}
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     # Split words and punctuation at whitespace; digits stay together so merges can apply.

@@ -225,7 +225,7 @@ class _Monitor:
     `units[L]` is `[K_L, hidden]`; readings of every layer are concatenated in `layers` order (K columns).
     A cap for column k of row r clamps `h . u_k` to at most `caps[r, k]` on decode steps (inf = no cap)."""
 
-    def __init__(self, model, units: dict[int, torch.Tensor], steering: SteeringHandle | None):
+    def __init__(self, model, units: dict[int, torch.Tensor]):
         self.layers = sorted(units)
         self.units = {layer: units[layer].float() for layer in self.layers}
         offsets, start = {}, 0
@@ -469,7 +469,7 @@ class HFBackend(Backend):
             if guard is not None:
                 guard.set_rows(torch.zeros(len(chats), dtype=torch.long))
                 handles.append(guard)
-            monitor = _Monitor(model, units, None)
+            monitor = _Monitor(model, units)
             monitor.caps = caps
 
             def prefill():

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..cache import cache_dir
-from ..chat import encode_chat, prompt_text
+from ..chat import prompt_text
 from ..errors import PersonavecError
 from ..models import folder_fingerprint, resolve, resolve_dtype
 from ..progress import progress_bar
@@ -141,7 +141,11 @@ class WorkerExtension:
     def personavec_set_units(self, units: dict[int, list[list[float]]]) -> int:
         """The unit vectors every reading request is projected on; columns run layer by layer, in layer order."""
         self._pv_units = {int(layer): torch.tensor(rows, dtype=torch.float32) for layer, rows in units.items()}
-        return sum(u.shape[0] for u in self._pv_units.values())
+        self._pv_offsets, column = {}, 0  # a layer's first reading column
+        for layer in sorted(self._pv_units):
+            self._pv_offsets[layer] = column
+            column += self._pv_units[layer].shape[0]
+        return column
 
     def personavec_take_readings(self, keys: list[str]) -> dict:
         """Per key: the last prompt token's readings, each fed-back token's (by position), and the guards that fired."""
@@ -271,7 +275,7 @@ class WorkerExtension:
         step = self._pv_plan
         if units is None or step is None or not self._pv_reads:
             return hidden
-        offset = sum(u.shape[0] for la, u in self._pv_units.items() if la < layer)
+        offset = self._pv_offsets[layer]
         for p in step["plan"]:
             state = self._pv_reads.get(p["read"]) if p["read"] else None
             if state is None:
@@ -542,13 +546,10 @@ class VllmBackend(Backend):
         sampled and dropped."""
         check_positions(positions)
         layers = check_layers(self.n_layers, layers)
-        encode_for_capture(self.tokenizer, chats, positions, None)  # the empty-response check, before any work
-        limit = max_length or self.context_length
+        encoded_all, skipped = encode_for_capture(self.tokenizer, chats, positions, max_length or self.context_length)
         with_response = "response_avg" in positions
         results = {p: torch.zeros(len(chats), len(layers), self.hidden_size) for p in positions}
         token_norm = torch.zeros(len(chats), len(layers))
-        encoded_all = [encode_chat(self.tokenizer, c, with_response=with_response) for c in chats]
-        skipped = [i for i, e in enumerate(encoded_all) if limit and len(e.input_ids) > limit]
         skipped_set = set(skipped)
         keep = [i for i in range(len(chats)) if i not in skipped_set]
         chunk = max(64, 4 * batch_size)

@@ -126,8 +126,11 @@ def parse_request(body, service: PersonaService, limits: Limits) -> tuple[Job, b
     rules = persona.get("guard") or persona.get("guards") or []
     if isinstance(rules, str):
         rules = [rules]
+    if not all(isinstance(r, str) for r in rules):
+        raise ApiError(400, "each guard must be a string like TRAIT>X:flag", param="persona.guard",
+                       code="invalid_guard")
     try:
-        guards = [parse_guard(r) if isinstance(r, str) else _raise_type() for r in rules]
+        guards = [parse_guard(r) for r in rules]
         service.check_guards(guards)
     except PersonavecError as exc:
         raise ApiError(400, str(exc), param="persona.guard", code="invalid_guard") from None
@@ -140,10 +143,6 @@ def parse_request(body, service: PersonaService, limits: Limits) -> tuple[Job, b
               seed=seed, stop=stop, steer={k: float(v) for k, v in steer.items()}, coef_mode=coef_mode,
               monitor=monitor, tokens=bool(persona.get("tokens", False)), guards=service.guards + guards)
     return job, stream, stream_options
-
-
-def _raise_type():
-    raise PersonavecError("each guard must be a string like TRAIT>X:flag")
 
 
 class RequestLog:
