@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -69,17 +69,25 @@ def _open_judge(spec: str, cache: Optional[Path], batch_size: int, concurrency: 
     return judge
 
 
+# How a judge runs, shared by `judge` and `judge-check`.
+JudgeCacheOption = Annotated[Optional[Path], typer.Option("--cache", help="Judge cache file (default: the personavec "
+                                                          "cache).")]
+JudgeBatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts per batch for a local judge.",
+                                             callback=positive_int)]
+JudgeConcurrency = Annotated[int, typer.Option("--concurrency", help="Parallel requests for an API judge.",
+                                               callback=positive_int)]
+JudgeDtype = Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32 (local judge).")]
+
+
 def judge_cmd(
     judge: str = typer.Option(DEFAULT_LOCAL_JUDGE, "--judge", help=JUDGE_HELP),
     trait: str = typer.Option(..., "--trait", metavar="NAME|FILE", help="Built-in trait name or trait JSON file."),
     input: Path = typer.Option(..., "--input", help="Chat JSONL; the last assistant message of each chat is scored."),
     output: Path = typer.Option(..., "--output", help="The same lines with \"judge\": {trait_score, coherence} added."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache file (default: the personavec cache)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch for a local judge.",
-                                   callback=positive_int),
-    concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests for an API judge.",
-                                    callback=positive_int),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 (local judge)."),
+    cache: JudgeCacheOption = None,
+    batch_size: JudgeBatchSize = 8,
+    concurrency: JudgeConcurrency = 8,
+    dtype: JudgeDtype = "auto",
     scheme: Optional[str] = typer.Option(None, "--scheme", help=SCHEME_HELP, callback=scheme_option),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
 ) -> None:
@@ -134,12 +142,10 @@ def judge_check_cmd(
     save: Optional[Path] = typer.Option(None, "--save", help="Write each trait's best scheme, its threshold and "
                                         "every scheme's AUROC as JSON (for --calibration)."),
     schemes: Optional[str] = typer.Option(None, "--schemes", help="Comma-separated schemes (default: all)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Judge cache file (default: the personavec cache)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch for a local judge.",
-                                   callback=positive_int),
-    concurrency: int = typer.Option(8, "--concurrency", help="Parallel requests for an API judge.",
-                                    callback=positive_int),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32 (local judge)."),
+    cache: JudgeCacheOption = None,
+    batch_size: JudgeBatchSize = 8,
+    concurrency: JudgeConcurrency = 8,
+    dtype: JudgeDtype = "auto",
 ) -> None:
     """Run a judge on the built-in calibration set: per trait and scheme, AUROC, score ranges and a threshold.
 
