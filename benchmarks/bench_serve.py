@@ -118,8 +118,7 @@ class _PeerServer:
     """vLLM's own OpenAI server in a subprocess, on a free loopback port."""
 
     def __init__(self, model: str):
-        import httpx
-        from test_serve import _free_port
+        from test_serve import _free_port, wait_healthy
 
         from personavec.models import resolve
 
@@ -131,16 +130,7 @@ class _PeerServer:
              "--served-model-name", model, "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
              "--no-enable-prefix-caching", "--max-model-len", "2048", "--gpu-memory-utilization", "0.25",
              "--dtype", "bfloat16"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(1)
-            if self.process.poll() is not None:
-                raise RuntimeError("vllm's api_server exited")
-        raise RuntimeError("vllm's api_server did not start")
+        wait_healthy(self.url, 600, 1, "vllm's api_server", exited=lambda: self.process.poll() is not None)
 
     @property
     def url(self) -> str:

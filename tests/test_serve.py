@@ -31,6 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout: float, poll: float, name: str, exited=lambda: False) -> None:
+    """Return once `url/health` answers 200; fail after `timeout` seconds, or at once when `exited()` says so."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(poll)
+        if exited():
+            raise RuntimeError(f"{name} exited")
+    raise RuntimeError(f"{name} did not start")
+
+
 class Server:
     """A real uvicorn server in a thread on a free loopback port."""
 
@@ -42,14 +56,7 @@ class Server:
                                                     lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        wait_healthy(self.url, 30, 0.05, "server")
 
     @property
     def url(self) -> str:
