@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.personavec-installed
 
-.PHONY: setup demo test test-ray test-slow bench setup-vllm test-vllm bench-vllm setup-chromium clean
+.PHONY: setup vectors demo test test-ray test-slow bench setup-vllm test-vllm bench-vllm setup-chromium clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ setup-chromium:
 # Slower model tests, kept out of CI's default run. pytest exits 5 when no test is selected; that is not a failure here.
 test-slow: setup
 	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 5 ] && echo "no slow tests selected" && rc=0; exit $$rc
+
+# The vectors shipped in personavec/data/vectors (7 traits x 2 models, default judge; ~2 h on 2 cores). Resumes.
+vectors: setup
+	$(VENV)/bin/personavec vectors build
 
 # steering-vectors pins transformers<5 but runs on 5, so it goes in without its dependencies.
 bench: setup

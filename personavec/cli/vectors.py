@@ -10,6 +10,7 @@ import typer
 from ..errors import PersonavecError
 from .common import (chat_output, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
                      output_file, positive_int, vector_layer)
+from ..shipped import BUILD_MODELS
 
 
 def vector_cmd(
@@ -174,7 +175,49 @@ def export_cmd(
         log(f"wrote {out}")
 
 
+vectors_app = typer.Typer(no_args_is_help=True, help="Vectors shipped with the package (`--trait NAME` uses them).")
+
+
+@vectors_app.command("list")
+def vectors_list() -> None:
+    """Each shipped vector's model and trait, with its layer, pairs kept and file."""
+    from rich.table import Table
+
+    from ..shipped import shipped_vectors
+
+    table = Table("model", "trait", "layer", "coef", "pairs kept", "judge scheme", "file")
+    for v in shipped_vectors():
+        s = v.summary()
+        counts = s.get("counts", {})
+        table.add_row(v.model, v.trait, str(s.get("layer", "-")), f"{s['coef']:g} ({s['coef_mode']})" if "coef" in s else "-",
+                      f"{counts.get('pairs_kept', '-')} of {counts.get('pairs', '-')}", s.get("judge_scheme", "-"),
+                      str(v.path))
+    console().print(table)
+
+
+@vectors_app.command("build")
+def vectors_build(
+    models: str = typer.Option(",".join(BUILD_MODELS), "--models", help="comma-separated packaged short names"),
+    traits: str = typer.Option("all", "--traits", help="comma-separated built-in traits, or all"),
+    work: Path = typer.Option(Path("runs/vectors"), "--work", help="run folders (resumed when rerun)"),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="default: the package's data/vectors folder"),
+    force: bool = typer.Option(False, "--force", help="redo runs made with other settings"),
+) -> None:
+    """Extract the shipped vectors with the default judge (what `make vectors` runs); resumes where it stopped."""
+    from ..shipped import build_shipped_vectors
+    from ..traits import list_traits
+
+    names = list_traits() if traits == "all" else [t.strip() for t in traits.split(",") if t.strip()]
+    unknown = [t for t in names if t not in list_traits()]
+    if unknown:
+        raise PersonavecError(f"--traits: unknown trait(s) {', '.join(unknown)}; built-in: {', '.join(list_traits())}")
+    shipped = build_shipped_vectors([m.strip() for m in models.split(",") if m.strip()], names, work, dest,
+                                    force=force)
+    log(f"shipped {len(shipped)} vector(s)")
+
+
 def register(app: typer.Typer) -> None:
+    app.add_typer(vectors_app, name="vectors")
     app.command("vector")(vector_cmd)
     app.command("steer")(steer_cmd)
     app.command("export")(export_cmd)

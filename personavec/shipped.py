@@ -1,0 +1,136 @@
+"""Vectors that ship inside the package: `personavec/data/vectors/<model short name>/<trait>.safetensors`, each with
+its run summary `<trait>.json`. `make vectors` (`personavec vectors build`) regenerates them; `--trait NAME` on
+monitor, screen, steer and shift uses them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .errors import PersonavecError
+
+# Settings that fit 2 CPU cores (~5 min per trait with the local 1.5B judge); recorded in every shipped summary.
+BUILD_SETTINGS = {"questions": 10, "samples_per_question": 1, "max_new_tokens": 64, "sweep_questions": 4,
+                  "batch_size": 20, "evaluate_questions": 5, "evaluate_max_new_tokens": 64}
+BUILD_MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
+BUILD_JUDGE = "local:qwen2.5-coder-1.5b"
+# The steering curve (evaluate at -a/0/+a) is run for these models only: it is what the README table reports.
+CURVE_MODELS = ("qwen2.5-coder-0.5b",)
+
+
+def shipped_root() -> Path:
+    return Path(str(resources.files("personavec") / "data" / "vectors"))
+
+
+@dataclass(frozen=True)
+class ShippedVector:
+    model: str
+    trait: str
+    path: Path
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def summary(self) -> dict:
+        return json.loads(self.summary_path.read_text(encoding="utf-8")) if self.summary_path.exists() else {}
+
+
+def shipped_vectors(root: Path | None = None) -> list[ShippedVector]:
+    root = root or shipped_root()
+    if not root.is_dir():
+        return []
+    return [ShippedVector(model=f.parent.name, trait=f.stem, path=f)
+            for f in sorted(root.glob("*/*.safetensors"))]
+
+
+def shipped_vector_path(model: str, trait: str, root: Path | None = None) -> Path:
+    """The shipped file for (`model`, `trait`); the error lists what does ship."""
+    available = shipped_vectors(root)
+    for v in available:
+        if v.model == model and v.trait == trait:
+            return v.path
+    listing = "; ".join(f"{m}: {', '.join(v.trait for v in available if v.model == m)}"
+                        for m in dict.fromkeys(v.model for v in available)) or "none"
+    raise PersonavecError(f"--trait {trait}: no vector ships for model {model!r}; shipped vectors: {listing} "
+                          f"(or pass --vector FILE)")
+
+
+def load_shipped(model: str, trait: str, backend=None, root: Path | None = None):
+    """The shipped vector, checked against the loaded model's weights fingerprint when one is given."""
+    from .vectors import PersonaVector
+
+    vector = PersonaVector.load(shipped_vector_path(model, trait, root))
+    if backend is not None:
+        recorded = vector.fingerprint
+        actual = backend.fingerprint()
+        if recorded and actual and recorded != actual:
+            raise PersonavecError(f"--trait {trait}: the shipped vector for {model} was made on weights with "
+                                  f"fingerprint {recorded}, but the loaded model's is {actual}; "
+                                  f"pass --vector FILE made on this model")
+    return vector
+
+
+def build_shipped_vectors(models: list[str], traits: list[str], work: Path, root: Path | None = None,
+                          judge_spec: str = BUILD_JUDGE, force: bool = False) -> list[Path]:
+    """Extract every (model, trait) with the default judge into `work/<model>/<trait>/`, resuming finished and
+    half-finished runs, then copy each vector and its summary into the package. Returns the shipped files."""
+    from .backends import load_backend
+    from .cli.judge import judge_plan
+    from .judge import make_judge
+    from .pipeline.evaluate import EvaluateConfig, run_evaluate
+    from .pipeline.extract import ExtractConfig, run_extract
+    from .cli.common import log
+    from .traits import load_trait
+
+    root = root or shipped_root()
+    s = BUILD_SETTINGS
+    judge = make_judge(judge_spec)
+    shipped = []
+    for model in models:
+        backend = load_backend(model, "hf")
+        for name in traits:
+            trait = load_trait(name)
+            log(f"== {model} / {name}")
+            plan = judge_plan(judge, trait, None, None, True)
+            threshold = plan.threshold if plan.threshold is not None else 50.0
+            cfg = ExtractConfig(model=model, trait=name, judge=judge_spec, questions=s["questions"],
+                                samples_per_question=s["samples_per_question"], max_new_tokens=s["max_new_tokens"],
+                                sweep_questions=s["sweep_questions"], batch_size=s["batch_size"],
+                                pos_threshold=threshold, neg_threshold=threshold, judge_scheme=plan.scheme)
+            run = work / model / name
+            try:
+                result = run_extract(cfg, trait, backend, backend.tokenizer, judge, run / "extract", force=force,
+                                     judge_calibration=plan.calibration)
+            except PersonavecError as e:  # e.g. every pair filtered out: that trait does not ship for this model
+                log(f"   {model} / {name}: not shipped: {e}")
+                continue
+            summary = json.loads((run / "extract" / "summary.json").read_text(encoding="utf-8"))
+            curve = None
+            if model in CURVE_MODELS:
+                c = result.vector.coef
+                ecfg = EvaluateConfig(model=model, trait=name, vector=str(run / "extract" / "vectors.safetensors"),
+                                      judge=judge_spec, coefs=[-c, 0.0, c], questions=s["evaluate_questions"],
+                                      max_new_tokens=s["evaluate_max_new_tokens"], batch_size=s["batch_size"],
+                                      baseline=False, judge_scheme=plan.scheme)
+                curve = run_evaluate(ecfg, trait, result.vector, backend, backend.tokenizer, judge,
+                                     run / "evaluate", force=force)["per_coef"]
+            dest = root / model
+            dest.mkdir(parents=True, exist_ok=True)
+            tmp = dest / f".{name}.safetensors.tmp"
+            shutil.copyfile(run / "extract" / "vectors.safetensors", tmp)
+            record = {"model": model, "trait": name, "judge": judge_spec, "judge_scheme": plan.scheme,
+                      "thresholds": {"pos": threshold, "neg": threshold}, "settings": s,
+                      "layer": summary["layer"], "coef": summary["coef"], "coef_mode": summary["coef_mode"],
+                      "counts": summary["counts"], "layer_sweep": summary["layer_sweep"], "steering_curve": curve,
+                      "made_by": "personavec vectors build (make vectors)"}
+            (dest / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+            tmp.replace(dest / f"{name}.safetensors")
+            shipped.append(dest / f"{name}.safetensors")
+            log(f"   shipped {dest / f'{name}.safetensors'}: layer {summary['layer']}, "
+                f"{summary['counts']['pairs_kept']} of {summary['counts']['pairs']} pairs kept")
+        del backend
+    return shipped
