@@ -59,18 +59,35 @@ def shipped_vector_path(model: str, trait: str, root: Path | None = None) -> Pat
                           f"(or pass --vector FILE)")
 
 
-def load_shipped(model: str, trait: str, backend=None, root: Path | None = None):
-    """The shipped vector, checked against the loaded model's weights fingerprint when one is given."""
+def packaged_fingerprint(model: str) -> str:
+    """The weights fingerprint of a packaged model, read from its converted files without loading the model."""
+    from transformers import AutoConfig
+
+    from .models import folder_fingerprint, resolve
+
+    path = resolve(model)
+    config = AutoConfig.from_pretrained(path)
+    text = getattr(config, "text_config", None) or config
+    return folder_fingerprint(path, config, int(text.num_hidden_layers))
+
+
+def check_shipped(vector, model: str, trait: str) -> None:
+    """Refuse a shipped vector on weights other than the ones it was made on (a plain vector file only warns:
+    it may be meant for a fine-tune; a shipped one is for the packaged model and nothing else)."""
+    actual = packaged_fingerprint(model)
+    if vector.fingerprint and vector.fingerprint != actual:
+        raise PersonavecError(f"--trait {trait}: the vector shipped for {model} was made on weights with fingerprint "
+                              f"{vector.fingerprint}, but {model}'s files here have {actual}; pass --vector FILE "
+                              "made on this model (or `make vectors` to rebuild)")
+
+
+def load_shipped(model: str, trait: str, root: Path | None = None):
+    """The shipped vector for (`model`, `trait`), checked against the packaged model's weights fingerprint before
+    anything loads the model."""
     from .vectors import PersonaVector
 
     vector = PersonaVector.load(shipped_vector_path(model, trait, root))
-    if backend is not None:
-        recorded = vector.fingerprint
-        actual = backend.fingerprint()
-        if recorded and actual and recorded != actual:
-            raise PersonavecError(f"--trait {trait}: the shipped vector for {model} was made on weights with "
-                                  f"fingerprint {recorded}, but the loaded model's is {actual}; "
-                                  f"pass --vector FILE made on this model")
+    check_shipped(vector, model, trait)
     return vector
 
 

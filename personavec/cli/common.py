@@ -161,6 +161,21 @@ def load_engine_model(model: str, engine: str, dtype: str = "auto", tensor_paral
     return backend, backend.tokenizer
 
 
+def command_vector(vector_path: Optional[Path], trait_name: Optional[str], model: str):
+    """`(vector, path)` for a command: `--vector FILE`, else the vector shipped for `--model` and `--trait`."""
+    from ..vectors import PersonaVector
+
+    if vector_path is not None:
+        return PersonaVector.load(vector_path), vector_path
+    if not trait_name:
+        raise PersonavecError("give --vector FILE, or --trait NAME to use a vector shipped for the model "
+                              "(`personavec vectors list`)")
+    from ..shipped import load_shipped
+
+    vector = load_shipped(model, trait_name)
+    return vector, Path(vector.source)
+
+
 def vector_layer(vector, model, layer: Optional[int]) -> int:
     """The layer a command steers or reads: the vector's shape is checked against the model first (a vector made
     for another model says so), then `--layer` or the layer the file records."""

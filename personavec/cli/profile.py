@@ -15,7 +15,8 @@ def profile_cmd(
     model: str = typer.Option(..., "--model"),
     traits_arg: str = typer.Option("all", "--traits", help="comma-separated traits, or all (every vector in --vectors)"),
     vectors: Optional[Path] = typer.Option(None, "--vectors", help="folder of vectors: TRAIT.safetensors, "
-                                           "TRAIT/vectors.safetensors or extract-TRAIT/vectors.safetensors"),
+                                           "TRAIT/vectors.safetensors or extract-TRAIT/vectors.safetensors "
+                                           "(default: the vectors shipped for --model)"),
     compare: Optional[str] = typer.Option(None, "--compare", help="a second model, or a peft adapter over --model"),
     judge_spec: str = typer.Option("none", "--judge", help="local:MODEL | openai:MODEL | none"),
     out: Path = typer.Option(..., "--out", help="run folder"),
@@ -39,8 +40,15 @@ def profile_cmd(
     from ..vectors import PersonaVector
 
     run_folder(out, "--out")
-    if vectors is None:
-        raise PersonavecError("--vectors DIR is needed: no vectors ship with the package yet")
+    shipped = vectors is None
+    if shipped:
+        from ..shipped import shipped_root, shipped_vectors
+
+        vectors = shipped_root() / model
+        if not vectors.is_dir():
+            models = sorted({v.model for v in shipped_vectors()})
+            raise PersonavecError(f"--model {model}: no vectors ship for it (shipped for: {', '.join(models) or 'none'}); "
+                                  "pass --vectors DIR")
     if not vectors.is_dir():
         raise PersonavecError(f"--vectors {vectors}: not a folder")
     names = list_traits() if traits_arg == "all" else [t.strip() for t in traits_arg.split(",") if t.strip()]
@@ -52,7 +60,12 @@ def profile_cmd(
     traits = {}
     for name in names:
         trait = load_trait(name)
-        traits[trait.name] = (trait, PersonaVector.load(find_vector(vectors, trait.name)))
+        vector = PersonaVector.load(find_vector(vectors, trait.name))
+        if shipped:
+            from ..shipped import check_shipped
+
+            check_shipped(vector, model, trait.name)
+        traits[trait.name] = (trait, vector)
     cfg = ProfileConfig(model=model, traits=list(traits), vectors=str(vectors), compare=compare, judge=judge_spec,
                         questions=questions, max_new_tokens=max_new_tokens, batch_size=batch_size, bootstrap=bootstrap)
     lm, tokenizer = load_model(model, dtype=dtype)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (chat_output, finite_float, fraction, load_engine_model, log, non_negative_float, non_negative_int,
+from .common import (chat_output, command_vector, finite_float, fraction, load_engine_model, log, non_negative_float, non_negative_int,
                      positive_int, run_folder, vector_layer)
 from .judge import scheme_option
 
@@ -26,7 +26,7 @@ CpusPerWorker = Annotated[Optional[int], typer.Option("--cpus-per-worker", help=
 ShardSize = Annotated[Optional[int], typer.Option("--shard-size", help="--ray: chats per shard, the unit of retry and "
                                                   "resume (default 256)", callback=positive_int)]
 
-VECTOR_HELP = ".safetensors vector file (or .gguf / .pt)"
+VECTOR_HELP = ".safetensors vector file (or .gguf / .pt); without it, --trait NAME uses the vector shipped for --model"
 LAYER_HELP = "layer to read (default: the layer recorded in the vector file)"
 
 
@@ -77,7 +77,7 @@ def _trait_for(vector, trait_name: Optional[str]):
 
 def monitor_cmd(
     model: str = typer.Option(..., "--model", help="packaged short name, hub id or local folder"),
-    vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
+    vector_path: Optional[Path] = typer.Option(None, "--vector", help=VECTOR_HELP),
     layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
     input_path: Optional[Path] = typer.Option(None, "--input", help="chats to score: .jsonl, .parquet or a datasets "
                                               "folder"),
@@ -89,7 +89,8 @@ def monitor_cmd(
     scores: Optional[str] = typer.Option(None, "--scores", help="numeric field (dotted path) to correlate with"),
     top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary (0: none)", callback=non_negative_int),
     study: Optional[str] = typer.Option(None, "--study", help="system-prompts | many-shot: the paper's experiment"),
-    trait_name: Optional[str] = typer.Option(None, "--trait", help="--study: trait (default: the vector's)"),
+    trait_name: Optional[str] = typer.Option(None, "--trait", help="the shipped vector for --model when no --vector; "
+                                             "--study: trait (default: the vector's)"),
     judge_spec: str = typer.Option("none", "--judge", help="--study: local:MODEL | openai:MODEL | none"),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="--study: judge scoring scheme (default: the "
                                          "calibrated choice)", callback=scheme_option),
@@ -117,14 +118,12 @@ def monitor_cmd(
     shard_size: ShardSize = None,
 ) -> None:
     """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
-    from ..vectors import PersonaVector
-
     rc = _ray_config(ray, ray_address, workers, gpus_per_worker, cpus_per_worker, shard_size)
     if study is not None:
         if rc is not None:
             raise PersonavecError("--ray scores --input files; --study runs in one process")
         run_folder(out, "--out")
-        vector = PersonaVector.load(vector_path)
+        vector, vector_path = command_vector(vector_path, trait_name, model)
         return _study(study, model, vector, vector_path, layer, trait_name, judge_spec, shots, questions,
                       max_new_tokens, out, batch_size, dtype, force, engine, tensor_parallel_size,
                       scheme, calibration, no_calibrate)
@@ -137,7 +136,7 @@ def monitor_cmd(
 
     chat_output(output, "--output")
     run_folder(_record_dir(output, out), "--out")
-    vector = PersonaVector.load(vector_path)
+    vector, vector_path = command_vector(vector_path, trait_name, model)
     records = read_chats(input_path)
     if position == "response_avg":  # before the model is loaded and the run folder written
         check_responses(records, "--position response_avg averages the answer's tokens")
@@ -226,7 +225,7 @@ def _study(study, model, vector, vector_path, layer, trait_name, judge_spec, sho
 
 def screen_cmd(
     model: str = typer.Option(..., "--model"),
-    vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
+    vector_path: Optional[Path] = typer.Option(None, "--vector", help=VECTOR_HELP),
     data: Path = typer.Option(..., "--data", help="training chats (.jsonl, .parquet or a datasets folder); the last "
                               "assistant message is the answer"),
     output: Path = typer.Option(..., "--output", help="the same lines with \"persona\" scores added"),
@@ -239,6 +238,7 @@ def screen_cmd(
     keep_below: Optional[float] = typer.Option(None, "--keep-below", help="write <output>.kept.jsonl with scores < X",
                                                callback=finite_float),
     labels: Optional[str] = typer.Option(None, "--labels", help="0/1 field: print AUROC of each score against it"),
+    trait_name: Optional[str] = typer.Option(None, "--trait", help="without --vector: the vector shipped for --model"),
     top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary (0: none)", callback=non_negative_int),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: <output>_run)"),
     batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
@@ -258,7 +258,6 @@ def screen_cmd(
     """Score training data by projection difference (the paper's ΔP) to find samples that push a trait."""
     from ..chat import read_chats
     from ..pipeline.screen import ScreenConfig, run_screen
-    from ..vectors import PersonaVector
 
     if drop_top is not None and keep_below is not None:
         raise PersonavecError("use either --drop-top or --keep-below, not both")
@@ -269,7 +268,7 @@ def screen_cmd(
     if drop_top is not None or keep_below is not None:
         chat_output(kept_path(output), "--output")
     run_folder(_record_dir(output, out), "--out")
-    vector = PersonaVector.load(vector_path)
+    vector, vector_path = command_vector(vector_path, trait_name, model)
     records = read_chats(data, require_response=True)
     cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
@@ -304,8 +303,9 @@ def screen_cmd(
 def shift_cmd(
     base: str = typer.Option(..., "--base", help="the model before fine-tuning"),
     finetuned: str = typer.Option(..., "--finetuned", help="full model folder/id, or a peft LoRA adapter folder"),
-    vector_path: Path = typer.Option(..., "--vector", help=VECTOR_HELP),
-    trait_name: Optional[str] = typer.Option(None, "--trait", help="evaluation questions (default: the vector's trait)"),
+    vector_path: Optional[Path] = typer.Option(None, "--vector", help=VECTOR_HELP),
+    trait_name: Optional[str] = typer.Option(None, "--trait", help="evaluation questions (default: the vector's trait); "
+                                             "without --vector, also the vector shipped for --base"),
     judge_spec: str = typer.Option("none", "--judge", help="local:MODEL | openai:MODEL | none"),
     layer: Optional[int] = typer.Option(None, "--layer", help=LAYER_HELP, callback=non_negative_int),
     questions: Optional[int] = typer.Option(None, "--questions", help="first N evaluation questions",
@@ -323,12 +323,11 @@ def shift_cmd(
     from ..judge import make_judge
     from ..models import load_model
     from ..pipeline.shift import ShiftConfig, run_shift
-    from ..vectors import PersonaVector
 
     if engine != "hf":
         raise PersonavecError(f"--engine {engine}: shift compares two models (or a base and its adapter) side by side; "
                               "the vLLM engine holds one model per process, so use --engine hf")
-    vector = PersonaVector.load(vector_path)
+    vector, vector_path = command_vector(vector_path, trait_name, base)
     trait = _trait_for(vector, trait_name)
     cfg = ShiftConfig(base=base, finetuned=finetuned, vector=str(vector_path), trait=trait.name, judge=judge_spec,
                       layer=layer, questions=questions, responses=not prompt_only, max_new_tokens=max_new_tokens,

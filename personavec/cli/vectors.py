@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (chat_output, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
+from .common import (chat_output, command_vector, console, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
                      output_file, positive_int, vector_layer)
 from ..shipped import BUILD_MODELS
 
@@ -46,7 +46,8 @@ def vector_cmd(
 
 def steer_cmd(
     model: str = typer.Option(..., "--model"),
-    vector_path: Path = typer.Option(..., "--vector", help=".safetensors (or .gguf / .pt) vector file"),
+    vector_path: Optional[Path] = typer.Option(None, "--vector", help=".safetensors (or .gguf / .pt) vector file"),
+    trait_name: Optional[str] = typer.Option(None, "--trait", help="without --vector: the vector shipped for --model"),
     coef: float = typer.Option(..., "--coef", help="steering strength; negative suppresses the trait",
                                callback=finite_float),
     layer: Optional[int] = typer.Option(None, "--layer", help="default: the layer recorded in the vector file",
@@ -71,14 +72,13 @@ def steer_cmd(
     """Answer with a persona vector added at one layer."""
     from ..chat import read_chats, user_chat
     from ..generate import generate, over_context
-    from ..vectors import PersonaVector
 
     if (input_path is None) != (output_path is None):
         raise PersonavecError("--input and --output go together")
     if prompt is not None and input_path is not None:
         raise PersonavecError("use either --prompt or --input, not both")
     chat_output(output_path, "--output")
-    vector = PersonaVector.load(vector_path)
+    vector, _ = command_vector(vector_path, trait_name, model)
     records = read_chats(input_path) if input_path else None
     lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size, trust_remote_code)
     layer = vector_layer(vector, lm, layer)
