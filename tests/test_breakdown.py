@@ -1,0 +1,165 @@
+"""Breakdowns by a field: the grouping against hand counts, AUROC and correlation against independent
+computations, and the errors for missing fields and unusable values."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from personavec.breakdown import (BOOTSTRAP_LIMIT, breakdown_rows, field_value, group_by, group_keys,
+                                  report_section)
+from personavec.chat import ChatRecord
+from personavec.errors import PersonavecError, cli_style
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def record(fields: dict, line: int) -> ChatRecord:
+    return ChatRecord(messages=MSG, fields=fields, where=f"data.jsonl:{line}")
+
+
+def pairwise_auroc(labels, scores):
+    """P(positive > negative), ties 1/2, by counting every pair."""
+    pos = [s for y, s in zip(labels, scores) if y == 1]
+    neg = [s for y, s in zip(labels, scores) if y == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def hand_pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def test_field_value_reads_dotted_paths_of_dicts_and_chat_records():
+    line = {"meta": {"source": "web", "n": {"deep": 0}}, "language": "en"}
+    assert field_value(line, "language") == "en"
+    assert field_value(line, "meta.n.deep") == 0
+    assert field_value(record(line, 1), "meta.source") == "web"
+    with pytest.raises(KeyError):
+        field_value(line, "meta.missing")
+    with pytest.raises(KeyError):
+        field_value(line, "language.x")  # a string has no fields
+    with pytest.raises(KeyError):
+        field_value(record(line, 1), "messages.0")  # lists are not indexed
+
+
+def test_group_counts_means_and_sds_match_a_hand_count():
+    values = [1.0, 2.0, 3.0, 4.0, None, 6.0, float("nan")]
+    keys = ["a", "b", "a", "b", "a", "c", "c"]
+    bd = group_by(values, keys, field="language", measure="projection", bootstrap=200)
+    assert bd["field"] == "language" and bd["measure"] == "projection"
+    a, b, c = bd["groups"]
+    assert [g["value"] for g in bd["groups"]] == ["a", "b", "c"]
+    assert (a["count"], a["scored"], a["mean"]) == (3, 2, 2.0) and a["sd"] == pytest.approx(math.sqrt(2))
+    assert (b["count"], b["scored"], b["mean"]) == (2, 2, 3.0) and b["sd"] == pytest.approx(math.sqrt(2))
+    assert (c["count"], c["scored"], c["mean"], c["sd"], c["ci"]) == (7 - 5, 1, 6.0, None, None)
+    assert bd["all"]["count"] == 7 and bd["all"]["scored"] == 5 and bd["all"]["mean"] == pytest.approx(16 / 5)
+    assert a["ci"][0] >= 1.0 and a["ci"][1] <= 3.0 and a["ci"][0] < a["ci"][1]  # resampled means of {1, 3}
+    assert "auroc" not in a and "pearson" not in a
+
+
+def test_group_values_keep_json_kinds_apart_and_sort_stably():
+    keys = ["x", 1, True, None, 1.0, 2, "1", False, None]
+    bd = group_by([float(i) for i in range(len(keys))], keys, bootstrap=100)
+    assert [(g["value"], g["count"]) for g in bd["groups"]] == [(1, 2), (2, 1), ("1", 1), ("x", 1), (False, 1),
+                                                                 (True, 1), (None, 2)]
+    assert isinstance(bd["groups"][4]["value"], bool)
+    # the order does not depend on the order of the lines
+    again = group_by(list(reversed([float(i) for i in range(len(keys))])), list(reversed(keys)), bootstrap=100)
+    assert [g["value"] for g in again["groups"]] == [g["value"] for g in bd["groups"]]
+    assert [g["mean"] for g in again["groups"]] == [g["mean"] for g in bd["groups"]]
+
+
+def test_auroc_per_group_equals_a_pairwise_count():
+    rng = random.Random(3)
+    keys = [rng.choice(["web", "books", "chat"]) for _ in range(60)]
+    labels = [rng.randint(0, 1) for _ in keys]
+    values = [round(rng.gauss(y, 1.0), 1) for y in labels]  # rounded: ties happen and count 1/2
+    bd = group_by(values, keys, labels, field="meta.source", labels_field="y", bootstrap=100)
+    assert bd["labels"] == "y"
+    for g in bd["groups"]:
+        mine = [i for i, k in enumerate(keys) if k == g["value"]]
+        ys, vs = [labels[i] for i in mine], [values[i] for i in mine]
+        assert g["auroc"] == pytest.approx(pairwise_auroc(ys, vs))
+        assert (g["positives"], g["negatives"]) == (sum(ys), len(ys) - sum(ys))
+    assert bd["all"]["auroc"] == pytest.approx(pairwise_auroc(labels, values))
+    one_class = group_by([1.0, 2.0, 3.0], ["a", "a", "b"], [1, 1, 0], bootstrap=10)
+    assert one_class["groups"][0]["auroc"] is None and one_class["groups"][1]["auroc"] is None
+
+
+def test_correlation_per_group_equals_a_hand_pearson():
+    rng = random.Random(1)
+    keys = [rng.choice([0, 1]) for _ in range(40)]
+    scores = [rng.uniform(0, 100) for _ in keys]
+    values = [s / 50 + rng.gauss(0, 0.5) for s in scores]
+    scores[5] = None  # a line without a score is left out of the pairs, not of the mean
+    bd = group_by(values, keys, scores=scores, scores_field="judge.trait_score", bootstrap=100)
+    for g in bd["groups"]:
+        mine = [i for i, k in enumerate(keys) if k == g["value"] and scores[i] is not None]
+        assert g["pairs"] == len(mine) and g["scored"] == sum(k == g["value"] for k in keys)
+        assert g["pearson"] == pytest.approx(hand_pearson([values[i] for i in mine], [scores[i] for i in mine]))
+        assert -1 <= g["spearman"] <= 1
+
+
+def test_interval_of_a_large_group_is_the_normal_approximation():
+    n = BOOTSTRAP_LIMIT + 1
+    values = [float(i % 7) for i in range(n)]
+    g = group_by(values, ["all"] * n)["groups"][0]
+    half = 1.959964 * g["sd"] / math.sqrt(n)
+    assert g["ci"] == pytest.approx([g["mean"] - half, g["mean"] + half])
+    small = group_by(values[:50], ["all"] * 50, bootstrap=300)["groups"][0]
+    assert small["ci"][0] < small["mean"] < small["ci"][1]
+
+
+def test_group_keys_names_the_field_file_and_first_line_without_it():
+    records = [record({"meta": {"source": "a"}}, 1), record({"meta": {"source": "b"}}, 2), record({"meta": {}}, 3),
+               record({}, 4)]
+    with pytest.raises(PersonavecError) as info:
+        group_keys(records, "meta.source")
+    assert str(info.value) == "by=meta.source: data.jsonl:3 has no field 'meta.source'"
+    with cli_style(), pytest.raises(PersonavecError) as info:
+        group_keys(records, "meta.source")
+    assert str(info.value) == "--by meta.source: data.jsonl:3 has no field 'meta.source'"
+    assert group_keys(records[:2], "meta.source") == ["a", "b"]
+    with pytest.raises(PersonavecError, match=r"^by=x: line 2 has no field 'x'$"):
+        group_keys([{"x": 1}, {"y": 1}], "x")
+
+
+@pytest.mark.parametrize("value, says", [({"a": 1}, "holds an object"), ([1, 2], "holds a list"),
+                                          (float("nan"), "is nan; group by a finite value")])
+def test_group_keys_refuses_objects_lists_and_nan(value, says):
+    with cli_style(), pytest.raises(PersonavecError) as info:
+        group_keys([record({"m": "ok"}, 1), record({"m": value}, 2)], "m")
+    assert str(info.value).startswith("--by m: data.jsonl:2: field 'm' ") and says in str(info.value)
+
+
+def test_group_keys_keeps_an_explicit_null_as_its_own_group():
+    keys = group_keys([record({"s": None}, 1), record({"s": "web"}, 2)], "s")
+    assert keys == [None, "web"]
+    bd = group_by([1.0, 2.0], keys, bootstrap=10)
+    assert [g["value"] for g in bd["groups"]] == ["web", None]
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(PersonavecError, match=r"by='meta\.': give a field name"):
+        group_keys([record({}, 1)], "meta.")
+    with pytest.raises(PersonavecError, match="keys= has 1 entries for 2 values"):
+        group_by([1.0, 2.0], ["a"])
+    with pytest.raises(PersonavecError, match="labels=: 2 is not 0 or 1"):
+        group_by([1.0, 2.0], ["a", "a"], labels=[0, 2])
+
+
+def test_rows_and_report_section_show_every_group_and_the_total():
+    long_name = "a source name that is much longer than any column a terminal would give it " * 2
+    bd = group_by([1.0, 2.0, 3.0, 4.0], [long_name, long_name, "b", "b"], [0, 1, 0, 1], field="meta.source",
+                  measure="projection", labels_field="y", bootstrap=50)
+    headers, rows = breakdown_rows(bd)
+    assert headers[:6] == ["meta.source", "count", "scored", "mean", "sd", "95% CI"] and "AUROC vs y" in headers
+    assert [r[0] for r in rows] == [long_name, "b", "(all)"] and rows[0][3] == "1.500"
+    heading, body = report_section(bd, [1.0, 2.0, 3.0, 4.0], [long_name, long_name, "b", "b"])
+    assert heading == "projection by meta.source"
+    assert "data:image/png;base64" in body and long_name.strip() in body and "(all)" in body
