@@ -186,7 +186,7 @@ def value_text(value) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return format(value, "g")
-    return str(value)
+    return str(value) if value != "" else '""'  # an empty text is a value too
 
 
 def _num(x, spec: str = ".3f") -> str:
@@ -235,8 +235,7 @@ def breakdown_figure(breakdown: dict, values: Sequence | None = None, keys: Sequ
     if len(groups) > PLOT_GROUPS:
         groups = sorted(sorted(groups, key=lambda g: -g["count"])[:PLOT_GROUPS], key=groups.index)
     # long values wrap onto several tick-label lines rather than being cut
-    names = [textwrap.fill((f"{g['trait']}: " if "trait" in g else "") + value_text(g["value"]), 40) or '""'
-             for g in groups]
+    names = [textwrap.fill((f"{g['trait']}: " if "trait" in g else "") + value_text(g["value"]), 40) for g in groups]
     second = "auroc" if any(g.get("auroc") is not None for g in groups) else \
         "pearson" if any(g.get("pearson") is not None for g in groups) else None
     height = 0.3 * sum(name.count("\n") + 1 for name in names) + 1.4

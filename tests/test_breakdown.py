@@ -163,3 +163,120 @@ def test_rows_and_report_section_show_every_group_and_the_total():
     heading, body = report_section(bd, [1.0, 2.0, 3.0, 4.0], [long_name, long_name, "b", "b"])
     assert heading == "projection by meta.source"
     assert "data:image/png;base64" in body and long_name.strip() in body and "(all)" in body
+
+
+# -- the commands, on a tiny random model -----------------------------------------------------------------------
+
+LONG = "a source whose name is far longer than a terminal column would ever be, and must stay whole " * 2
+SOURCES = ["web", LONG, "web", LONG, "web", LONG]
+
+
+@pytest.fixture
+def by_setup(tiny_folder, tmp_path, monkeypatch):
+    """The tiny model, a vector for it, and six chats with a dotted field `meta.source`, a 0/1 label `y` and a
+    number `n`."""
+    import json
+
+    from conftest import CHATS
+    from test_uses import random_vector
+
+    from personavec.models import load_model
+
+    monkeypatch.setenv("PERSONAVEC_CACHE", str(tmp_path / "cache"))
+    model, _ = load_model(tiny_folder, dtype="fp32")
+    vector_path = tmp_path / "v.safetensors"
+    random_vector(model, layer=2).save(vector_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": CHATS[i % 3], "meta": {"source": s}, "y": [0, 1, 1, 0, 1, 0][i],
+                                        "n": float(i * i)}) + "\n" for i, s in enumerate(SOURCES)))
+    return tiny_folder, vector_path, data
+
+
+def _lines(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _hand_groups(rows, score):
+    """{source: [scores]} counted by hand from the output file."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["meta"]["source"], []).append(score(r))
+    return groups
+
+
+def test_monitor_by_groups_the_output_projections(by_setup, tmp_path, capsys):
+    import json
+
+    from test_cli import run_cli
+
+    folder, vector_path, data = by_setup
+    code, _, err = run_cli(capsys, "monitor", "--model", folder, "--vector", vector_path, "--input", data,
+                           "--output", tmp_path / "mon.jsonl", "--by", "meta.source", "--scores", "n")
+    assert code == 0, err
+    rows = _lines(tmp_path / "mon.jsonl")
+    hand = _hand_groups(rows, lambda r: r["persona"]["projection"])
+    by = json.loads((tmp_path / "mon_run" / "summary.json").read_text())["by"]
+    assert by["field"] == "meta.source" and by["measure"] == "projection" and by["scores"] == "n"
+    assert [g["value"] for g in by["groups"]] == sorted(hand)
+    for g in by["groups"]:
+        mine = hand[g["value"]]
+        assert g["count"] == len(mine) == 3 and g["mean"] == pytest.approx(sum(mine) / 3)
+        ns = [r["n"] for r in rows if r["meta"]["source"] == g["value"]]
+        assert g["pearson"] == pytest.approx(hand_pearson(mine, ns))
+        assert g["ci"][0] <= g["mean"] <= g["ci"][1]
+    assert LONG.strip() in err  # the table on stderr keeps the long name whole
+    report = (tmp_path / "mon_run" / "report.html").read_text()
+    assert "projection by meta.source" in report and report.count("data:image/png;base64") == 3
+
+
+def test_screen_by_gives_auroc_per_group(by_setup, tmp_path, capsys):
+    import json
+
+    from test_cli import run_cli
+
+    folder, vector_path, data = by_setup
+    code, _, err = run_cli(capsys, "screen", "--model", folder, "--vector", vector_path, "--data", data,
+                           "--output", tmp_path / "s.jsonl", "--approx", "--labels", "y", "--by", "meta.source")
+    assert code == 0, err
+    rows = _lines(tmp_path / "s.jsonl")
+    by = json.loads((tmp_path / "s_run" / "summary.json").read_text())["by"]
+    assert by["measure"] == "approx_projection_difference" and by["labels"] == "y"
+    for g in by["groups"]:
+        mine = [r for r in rows if r["meta"]["source"] == g["value"]]
+        scores = [r["persona"]["approx_projection_difference"] for r in mine]
+        assert g["count"] == 3 and g["mean"] == pytest.approx(sum(scores) / 3)
+        assert g["auroc"] == pytest.approx(pairwise_auroc([r["y"] for r in mine], scores))
+    assert "AUROC vs y" in err and LONG.strip() in err
+    assert "approx_projection_difference by meta.source" in (tmp_path / "s_run" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("command", ["monitor", "screen"])
+def test_a_line_without_the_field_is_refused_before_the_model_loads(by_setup, tmp_path, capsys, monkeypatch, command):
+    import json
+
+    import personavec.backends as backends
+    from test_cli import run_cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --by was checked")
+
+    monkeypatch.setattr(backends, "load_backend", no_model)
+    folder, vector_path, data = by_setup
+    lines = data.read_text().splitlines()
+    broken = json.loads(lines[2])
+    del broken["meta"]["source"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:2] + [json.dumps(broken)] + lines[3:]) + "\n")
+    io = ["--input", bad] if command == "monitor" else ["--data", bad, "--approx"]
+    code, _, err = run_cli(capsys, command, "--model", folder, "--vector", vector_path, *io,
+                           "--output", tmp_path / "o.jsonl", "--by", "meta.source")
+    assert code == 2 and err.strip().splitlines()[-1] == f"error: --by meta.source: {bad}:3 has no field 'meta.source'"
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o_run").exists()
+    code, _, err = run_cli(capsys, command, "--model", folder, "--vector", vector_path, *io,
+                           "--output", tmp_path / "o.jsonl", "--by", "meta")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: --by meta: {bad}:1: field 'meta' holds an object")
+    code, _, err = run_cli(capsys, command, "--model", folder, "--vector", vector_path, *io,
+                           "--output", tmp_path / "o.jsonl", "--by", "meta.")
+    assert code == 2 and "--by 'meta.': give a field name or a dotted path" in err
