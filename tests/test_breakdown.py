@@ -280,3 +280,56 @@ def test_a_line_without_the_field_is_refused_before_the_model_loads(by_setup, tm
     code, _, err = run_cli(capsys, command, "--model", folder, "--vector", vector_path, *io,
                            "--output", tmp_path / "o.jsonl", "--by", "meta.")
     assert code == 2 and "--by 'meta.': give a field name or a dotted path" in err
+
+
+def test_judge_by_writes_a_run_folder_with_the_breakdown(by_setup, tmp_path, capsys, monkeypatch):
+    import json
+
+    from test_cli import run_cli
+    from tiny import save_tiny
+
+    import personavec.judge as judge_mod
+
+    def scores_by_length(scorer, trait, items, progress=None, scheme="score100", **kw):
+        """The tiny judge rarely gives a score: a known one per answer instead (None for the one-letter "ok")."""
+        if progress:
+            progress(len(items))
+        return [{"trait_score": None if len(a) < 3 else float(len(a)), "coherence": 50.0} for _, a in items]
+
+    monkeypatch.setattr(judge_mod, "judge_answers", scores_by_length)
+    _, _, data = by_setup
+    judge = "local:" + save_tiny(tmp_path / "judge", multi_digit=True)
+    base = ["judge", "--judge", judge, "--trait", "impolite", "--input", data, "--cache", tmp_path / "c.sqlite",
+            "--output", tmp_path / "j.jsonl"]
+    code, _, err = run_cli(capsys, *base, "--by", "meta.source", "--scores", "n")
+    assert code == 0, err
+    rows = _lines(tmp_path / "j.jsonl")
+    summary = json.loads((tmp_path / "j_run" / "summary.json").read_text())
+    by = summary["by"]
+    assert by["field"] == "meta.source" and by["measure"] == "trait_score" and by["scores"] == "n"
+    hand = _hand_groups(rows, lambda r: r["judge"]["trait_score"])
+    assert sorted(hand) == [g["value"] for g in by["groups"]]
+    for g in by["groups"]:
+        scored = [v for v in hand[g["value"]] if v is not None]
+        assert (g["count"], g["scored"]) == (3, len(scored)) and len(scored) >= 2
+        assert g["mean"] == pytest.approx(sum(scored) / len(scored))
+        pairs = [(r["judge"]["trait_score"], r["n"]) for r in rows
+                 if r["meta"]["source"] == g["value"] and r["judge"]["trait_score"] is not None]
+        assert g["pearson"] == pytest.approx(hand_pearson(*zip(*pairs)))
+    assert summary["unscored"] == 2  # the two "ok" answers: counted, not averaged
+    assert summary["n"] == 6 and "correlation" in summary and LONG.strip() in err
+    assert "trait_score by meta.source" in (tmp_path / "j_run" / "report.html").read_text()
+    # no --by, --scores or --out: no run folder, as before
+    code, _, err = run_cli(capsys, *base[:-1], tmp_path / "plain.jsonl")
+    assert code == 0, err
+    assert (tmp_path / "plain.jsonl").exists() and not (tmp_path / "plain_run").exists()
+    # a line without the field: one line, before the judge loads
+    monkeypatch.setattr(judge_mod, "make_judge", lambda *a, **k: pytest.fail("the judge loaded before --by was checked"))
+    lines = data.read_text().splitlines()
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[:4] + ['{"messages": ' + json.dumps(json.loads(lines[4])["messages"])
+                                                               + "}"]) + "\n")
+    code, _, err = run_cli(capsys, *base[:6], tmp_path / "bad.jsonl", "--output", tmp_path / "b.jsonl", "--by",
+                           "meta.source")
+    assert code == 2 and err.strip().splitlines()[-1] == \
+        f"error: --by meta.source: {tmp_path / 'bad.jsonl'}:5 has no field 'meta.source'"
+    assert not (tmp_path / "b.jsonl").exists() and not (tmp_path / "b_run").exists()
