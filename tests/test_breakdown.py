@@ -333,3 +333,62 @@ def test_judge_by_writes_a_run_folder_with_the_breakdown(by_setup, tmp_path, cap
     assert code == 2 and err.strip().splitlines()[-1] == \
         f"error: --by meta.source: {tmp_path / 'bad.jsonl'}:5 has no field 'meta.source'"
     assert not (tmp_path / "b.jsonl").exists() and not (tmp_path / "b_run").exists()
+
+
+def test_evaluate_by_question_and_by_coef_match_the_judged_rows(tiny_folder, tmp_path):
+    import json
+
+    from test_uses import random_vector
+
+    from personavec.judge import Judge
+    from personavec.models import load_model
+    from personavec.pipeline.evaluate import EvaluateConfig, run_evaluate
+    from personavec.traits import load_trait
+
+    class CharacterSumJudge(Judge):
+        """Scores a prompt by the sum of its characters, so different answers get different scores."""
+
+        spec, identity = "test:character-sum", "v1"
+
+        def _compute(self, prompts, done):
+            for prompt in prompts:
+                done(prompt, {"expected": float(sum(map(ord, prompt)) % 101), "mass": 1.0, "refused": False})
+
+    model, tok = load_model(tiny_folder, dtype="fp32")
+    vector = random_vector(model, layer=2)
+    cfg = EvaluateConfig(model=tiny_folder, trait="optimistic", vector="v", judge="test", coefs=[-8.0, 0.0, 8.0], coef_mode="raw",
+                         questions=3, max_new_tokens=6, batch_size=8, baseline=False)
+    judge = CharacterSumJudge(cache=tmp_path / "cache.sqlite")
+    summary = run_evaluate(cfg, load_trait("optimistic"), vector, model, tok, judge, tmp_path / "e", by="question")
+    rows = [json.loads(line) for line in (tmp_path / "e" / "judged.jsonl").read_text().splitlines()]
+    by = summary["by"]
+    assert by["field"] == "question" and by["measure"] == "trait_score" and by["scores"] == "coef"
+    assert sorted(r["question"] for r in rows if r["coef"] == 0.0) == [g["value"] for g in by["groups"]]
+    for g in by["groups"]:
+        mine = sorted((r["coef"], r["trait_score"]) for r in rows if r["question"] == g["value"])
+        assert g["count"] == 3 and g["mean"] == pytest.approx(sum(t for _, t in mine) / 3)
+        ts = [t for _, t in mine]
+        assert g["pearson"] == (None if len(set(ts)) == 1 else pytest.approx(hand_pearson([c for c, _ in mine], ts)))
+    assert any(g["pearson"] is not None for g in by["groups"])  # steering changed some answers
+    assert "trait_score by question" in (tmp_path / "e" / "report.html").read_text()
+    again = run_evaluate(cfg, load_trait("optimistic"), vector, model, tok, judge, tmp_path / "e", by="coef")
+    assert [(g["value"], g["count"]) for g in again["by"]["groups"]] == [(-8.0, 3), (0.0, 3), (8.0, 3)]
+    for g, curve in zip(again["by"]["groups"], again["per_coef"]):
+        assert g["mean"] == pytest.approx(curve["trait"]["mean"])  # the curve's mean, now with an interval
+        assert "pearson" not in g  # a constant coef has no correlation to report
+
+
+def test_evaluate_and_profile_refuse_other_fields_before_the_model_loads(tmp_path, capsys):
+    from test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "evaluate", "--model", "no-such-model", "--trait", "optimistic", "--vector",
+                           tmp_path / "v.safetensors", "--coefs", "0,1", "--judge", "local:no-such-judge", "--out",
+                           tmp_path / "e", "--by", "meta.source")
+    assert code == 2 and err.strip().splitlines()[-1] == ("error: --by meta.source: evaluate groups its steered "
+                                                          "answers by coef or question (a trait's questions carry "
+                                                          "no other fields)")
+    (tmp_path / "vectors").mkdir()
+    code, _, err = run_cli(capsys, "profile", "--model", "no-such-model", "--vectors", tmp_path / "vectors",
+                           "--out", tmp_path / "p", "--by", "language")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --by language: profile groups")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
