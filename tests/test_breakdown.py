@@ -392,3 +392,35 @@ def test_evaluate_and_profile_refuse_other_fields_before_the_model_loads(tmp_pat
                            "--out", tmp_path / "p", "--by", "language")
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: --by language: profile groups")
     assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
+
+
+def test_profile_by_model_and_by_question_match_the_readings(tiny_folder, tmp_path, capsys):
+    import json
+
+    from test_cli import run_cli
+    from test_profile import tiny_vector
+
+    from personavec.pipeline.profile import ProfileConfig, profile_breakdown
+
+    vectors = tmp_path / "vectors"
+    vectors.mkdir()
+    tiny_vector("optimistic", 2, 0).save(vectors / "optimistic.safetensors")
+    tiny_vector("humorous", 3, 1).save(vectors / "humorous.safetensors")
+    code, _, err = run_cli(capsys, "profile", "--model", tiny_folder, "--vectors", vectors, "--questions", "3",
+                           "--max-new-tokens", "4", "--bootstrap", "200", "--compare", tiny_folder, "--out",
+                           tmp_path / "p", "--by", "model")
+    assert code == 0, err
+    readings = json.loads((tmp_path / "p" / "readings.json").read_text())
+    by = json.loads((tmp_path / "p" / "summary.json").read_text())["by"]
+    assert by["field"] == "model"
+    assert [(g["trait"], g["value"], g["count"]) for g in by["groups"]] == [
+        (t, m, 3) for t in ("humorous", "optimistic") for m in (tiny_folder, f"{tiny_folder} (compare)")]
+    for g in by["groups"]:
+        mine = readings[g["trait"]]["response_scaled"]
+        assert g["measure"] == "response_scaled" and g["mean"] == pytest.approx(sum(mine) / 3)
+    assert "readings by model" in err and "response reading" in (tmp_path / "p" / "report.html").read_text()
+    cfg = ProfileConfig(model="a", traits=list(readings), compare="b", bootstrap=100)
+    per_question = profile_breakdown(readings, "question", cfg, readings)
+    assert len(per_question["groups"]) == 6 and all(g["count"] == 2 and g["sd"] == 0.0 for g in per_question["groups"])
+    assert {g["value"] for g in per_question["groups"] if g["trait"] == "humorous"} == \
+        set(readings["humorous"]["questions"])
