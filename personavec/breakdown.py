@@ -80,8 +80,9 @@ def group_keys(records: Sequence, path: str, where: Callable[[int], str] | None 
             raise PersonavecError(f"{arg(flag, path)}: {here} has no field {path!r}") from None
         kind = _kind(value)
         if kind is None:
-            raise PersonavecError(f"{arg(flag, path)}: {here}: field {path!r} holds {'an object' if isinstance(value, dict) else 'a list'}; "
-                                  "group by a text, number, true/false or null field (a dotted path reaches inside)")
+            what = "an object" if isinstance(value, dict) else "a list"
+            raise PersonavecError(f"{arg(flag, path)}: {here}: field {path!r} holds {what}; group by a text, number, "
+                                  "true/false or null field (a dotted path reaches inside an object)")
         if kind == "number" and not math.isfinite(value):
             raise PersonavecError(f"{arg(flag, path)}: {here}: field {path!r} is {value}; group by a finite value")
         keys.append(value)
@@ -246,7 +247,10 @@ def breakdown_figure(breakdown: dict, values: Sequence | None = None, keys: Sequ
     means = [g["mean"] if g["mean"] is not None else math.nan for g in groups]
     low = [g["mean"] - g["ci"][0] if g["ci"] else 0.0 for g in groups]
     high = [g["ci"][1] - g["mean"] if g["ci"] else 0.0 for g in groups]
-    ax.barh(ys, means, xerr=[low, high], color="tab:blue", alpha=0.45, capsize=3, label="mean, 95% CI")
+    ax.barh(ys, means, color="tab:blue", alpha=0.45, label="mean")
+    # the intervals above the dots, so many lines do not hide them
+    ax.errorbar(means, ys, xerr=[low, high], fmt="none", ecolor="tab:red", capsize=4, lw=1.5, zorder=4,
+                label="95% CI")
     if values is not None and keys is not None and not any("trait" in g for g in groups):
         position = {_key(g["value"]): y for g, y in zip(groups, ys)}
         dots = [(v, position.get(_key(k))) for v, k in zip(values, keys) if _present(v)]
