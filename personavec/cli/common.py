@@ -181,3 +181,39 @@ def vector_layer(vector, model, layer: Optional[int]) -> int:
     for another model says so), then `--layer` or the layer the file records."""
     vector.check_model(model)
     return vector.check_layer(layer)
+
+
+# -- breakdowns (--by) -----------------------------------------------------------------------------------------
+
+# The most groups a printed breakdown lists (the largest); summary.json and report.html have every one.
+TABLE_GROUPS = 50
+
+
+def by_option(param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """--by: a field name or dotted path, checked at parse time (empty parts such as `meta.` are refused)."""
+    if value is not None and (not value or any(not part for part in value.split("."))):
+        raise PersonavecError(f"{_flag(param)} {value!r}: give a field name or a dotted path such as meta.source")
+    return value
+
+
+def print_breakdown(breakdown: dict, title: str) -> None:
+    """A breakdown as a table on stderr: group values fold instead of being cut, and into a pipe every cell stays
+    whole on its line (see `console`)."""
+    from rich.table import Table
+
+    from ..breakdown import breakdown_rows
+
+    shown = dict(breakdown)
+    groups = breakdown["groups"]
+    if len(groups) > TABLE_GROUPS:
+        largest = sorted(sorted(groups, key=lambda g: -g["count"])[:TABLE_GROUPS], key=groups.index)
+        shown["groups"] = largest
+    headers, rows = breakdown_rows(shown)
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, overflow="fold", justify="left" if i < (2 if "trait" in headers else 1) else "right")
+    for row in rows:
+        table.add_row(*row)
+    console(stderr=True).print(table)
+    if len(groups) > TABLE_GROUPS:
+        log(f"({TABLE_GROUPS} largest of {len(groups)} groups shown; all of them are in summary.json)")

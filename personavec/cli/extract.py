@@ -9,7 +9,7 @@ import typer
 
 from ..errors import PersonavecError
 from .common import (console, finite_float, int_list, load_engine_model, log, non_negative_float, non_negative_int,
-                     number_list, positive_int, run_folder)
+                     number_list, positive_int, print_breakdown, run_folder)
 from .judge import judge_plan, scheme_option
 
 SCHEME_HELP = "judge scoring scheme: score100 | yesno | yesno2 (default: the calibrated choice)"
@@ -119,16 +119,19 @@ def evaluate_cmd(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="judge scheme from `judge-check --save`"),
     scheme: Optional[str] = typer.Option(None, "--scheme", help=SCHEME_HELP, callback=scheme_option),
     no_calibrate: bool = typer.Option(False, "--no-calibrate", help=CALIBRATE_HELP),
+    by: Optional[str] = typer.Option(None, "--by", help="break the steered answers' trait scores down by coef (95% "
+                                     "CI per coefficient) or question (per question, with r against coef)"),
 ) -> None:
     """Steering curve: trait and coherence scores for each coefficient (and capability with --capability).
 
     The trait score uses the judge's calibrated scheme (a local judge calibrates itself once, as in extract).
     """
     from ..judge import make_judge, parse_spec
-    from ..pipeline.evaluate import EvaluateConfig, run_evaluate
+    from ..pipeline.evaluate import EvaluateConfig, check_evaluate_by, run_evaluate
     from ..traits import load_trait
     from ..vectors import PersonaVector
 
+    check_evaluate_by(by)
     if parse_spec(judge_spec).kind == "none":
         raise PersonavecError("--judge none: evaluate scores the steered answers for the trait and for coherence, "
                               "so it needs a judge (local:<model> or openai:<model>); to just see steered answers, "
@@ -149,8 +152,10 @@ def evaluate_cmd(
                          coefs=coef_values, layer=layer, coef_mode=coef_mode, questions=questions,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, capability=capability,
                          judge_scheme=plan.scheme, baseline=baseline)
-    summary = run_evaluate(cfg, trait, vector, lm, tokenizer, judge, out, force=force)
+    summary = run_evaluate(cfg, trait, vector, lm, tokenizer, judge, out, force=force, by=by)
     _print_curve(summary)
+    if by:
+        print_breakdown(summary["by"], f"{summary['trait']} score of the steered answers by {by}")
     print(f"report: {out / 'report.html'}")
 
 

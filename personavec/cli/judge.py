@@ -10,7 +10,7 @@ import typer
 
 from ..errors import PersonavecError
 from ..judge import DEFAULT_LOCAL_JUDGE
-from .common import chat_output, console, log, output_file, positive_int
+from .common import by_option, chat_output, console, log, output_file, positive_int, print_breakdown, run_folder
 
 JUDGE_HELP = "local:<model> (short name, hub id or folder), openai:<model> (OPENAI_BASE_URL/OPENAI_API_KEY) or none."
 SCHEME_HELP = ("score100 (the paper's 0-100 rubric) | yesno (P(Yes) for the trait's yes/no question) | yesno2 "
@@ -52,6 +52,10 @@ def judge_plan(scorer, trait, calibration: Optional[Path], scheme: Optional[str]
     return plan
 
 
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _question(record) -> str:
     """The last user message before the final assistant message."""
     for message in reversed(record.messages[:-1]):
@@ -90,6 +94,16 @@ def judge_cmd(
     dtype: JudgeDtype = "auto",
     scheme: Optional[str] = typer.Option(None, "--scheme", help=SCHEME_HELP, callback=scheme_option),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help=CALIBRATION_HELP),
+    by: Optional[str] = typer.Option(None, "--by", help="Break the trait scores down by this field of the input "
+                                     "lines (a dotted path such as meta.source): count, mean, sd and 95% CI per value, "
+                                     "in a table, summary.json and report.html (written to --out).",
+                                     callback=by_option),
+    scores: Optional[str] = typer.Option(None, "--scores", help="A numeric field (dotted path, e.g. "
+                                         "persona.projection from monitor) to correlate the trait score with, "
+                                         "overall and per --by value."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for config.json, summary.json and "
+                                       "report.html (default with --by or --scores: <output stem>_run; without "
+                                       "them and --out, none is written)."),
 ) -> None:
     """Score each chat's last answer for a trait and for coherence (0-100, or null when the judge cannot).
 
@@ -97,8 +111,12 @@ def judge_cmd(
     for a packaged judge (personavec/data/judge_choices.json), else score100. Coherence is always 0-100.
     A chat whose judge prompt is longer than a local judge's context is not judged: null scores and "skipped".
     """
+    from ..breakdown import group_keys
     from ..calibration import plan_judging, read_calibration
     from ..chat import read_chats
+    from ..pipeline.judging import judge_summary, write_judge_report
+    from ..pipeline.monitor import numeric_field
+    from ..runs import RunDir
     from ..datasets_io import write_chats
     from ..judge import judge_answers, judge_calls, parse_spec
     from ..progress import progress_bar
@@ -110,30 +128,54 @@ def judge_cmd(
         trait_obj.require_yes_no(scheme)
     if calibration is not None:
         read_calibration(calibration)  # a missing or broken file is refused before the judge loads
+    run_path = out or (output.with_name(output.stem + "_run") if by or scores else None)
+    run_folder(run_path, "--out")
     records = read_chats(input, require_response=True)
     items = [(_question(r), r.response) for r in records]
-    parse_spec(judge)
+    # fields the summary needs are checked before the judge loads
+    score_values = [numeric_field(r, scores) for r in records] if scores else None
+    keys = group_keys(records, by) if by else None
+    if parse_spec(judge).kind == "none":
+        _open_judge(judge, cache, batch_size, concurrency, dtype)  # says why, before a run folder is made
+    run = None
+    if run_path is not None:  # locked from here, so the output and its run folder come from one run
+        run = RunDir.replace(run_path, {"command": "judge", "judge": judge, "trait": trait_obj.name, "scheme": scheme,
+                                        "calibration": None if calibration is None else str(calibration),
+                                        "input": str(input), "output": str(output), "by": by, "scores": scores})
     scorer = _open_judge(judge, cache, batch_size, concurrency, dtype)
     try:
         plan = plan_judging(scorer, trait_obj, calibration_path=calibration, scheme=scheme, calibrate_self=False)
         why = plan.source if calibration else "--scheme" if scheme else "the default for this judge"
         log(f"judge {scorer.spec} for {trait_obj.name}: scheme {plan.scheme} ({why})")
         with progress_bar(f"judging {trait_obj.name}", total=judge_calls(plan.scheme) * len(items)) as advance:
-            scores = judge_answers(scorer, trait_obj, items, progress=advance, scheme=plan.scheme)
+            judged = judge_answers(scorer, trait_obj, items, progress=advance, scheme=plan.scheme)
         stats = dict(scorer.stats)
     finally:
         scorer.close()
     # Written only now, atomically: a killed run leaves no output that looks complete (the cache keeps its work).
-    write_chats(output, ({**r.to_json(), "judge": {**s, "scheme": plan.scheme}} for r, s in zip(records, scores)),
-                like=records)
-    unscored = sum(s["trait_score"] is None for s in scores)
-    skipped = [r.where for r, s in zip(records, scores) if "skipped" in s]
+    rows = [{**r.to_json(), "judge": {**s, "scheme": plan.scheme}} for r, s in zip(records, judged)]
+    write_chats(output, rows, like=records)
+    unscored = sum(s["trait_score"] is None for s in judged)
+    skipped = [r.where for r, s in zip(records, judged) if "skipped" in s]
     if skipped:
-        why = next(s["skipped"] for s in scores if "skipped" in s)
+        why = next(s["skipped"] for s in judged if "skipped" in s)
         log(f"skipped {len(skipped)} of {len(records)} chats, {why}: {', '.join(skipped[:10])}"
             + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
     print(f"judged {len(records) - len(skipped)} answers ({stats['calls']} new judge calls, {stats['cache_hits']} cached; "
           f"{unscored} without a trait score) -> {output}", file=sys.stderr)
+    if run is not None:
+        summary = judge_summary(rows, trait_obj.name, plan.scheme, score_values, scores, by, keys)
+        summary.update(judge=scorer.spec, input=str(input), output=str(output))
+        run.write_json("summary.json", summary)
+        write_judge_report(run.file("report.html"), f"personavec judge: {trait_obj.name} on {input}", rows, summary,
+                           score_values, keys)
+        if scores:
+            c = summary["correlation"]
+            log(f"trait score vs {scores}: Pearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])} "
+                f"(n {c['n']})")
+        if by:
+            print_breakdown(summary["by"], f"{trait_obj.name} score ({plan.scheme}) by {by}")
+        print(f"report: {run.file('report.html')}", file=sys.stderr)
 
 
 def judge_check_cmd(

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import log, positive_int, run_folder
+from .common import log, positive_int, print_breakdown, run_folder
 
 
 def profile_cmd(
@@ -27,6 +27,8 @@ def profile_cmd(
     bootstrap: int = typer.Option(2000, "--bootstrap", callback=positive_int, help="bootstrap resamples"),
     steer: Optional[str] = typer.Option(None, "--steer", help="cross-trait effects: steer each of these traits (a,b "
                                         "or all) at its recommended coefficient and read every trait"),
+    by: Optional[str] = typer.Option(None, "--by", help="break each trait's readings down by model (--model and "
+                                     "--compare) or question: count, mean, sd, 95% CI, r with --judge"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
 ) -> None:
@@ -34,11 +36,12 @@ def profile_cmd(
     from ..judge import make_judge
     from ..models import load_model
     from ..pipeline.gate import find_vector
-    from ..pipeline.profile import ProfileConfig, run_profile
+    from ..pipeline.profile import ProfileConfig, check_profile_by, run_profile
     from ..pipeline.shift import attach_adapter, is_adapter
     from ..traits import list_traits, load_trait
     from ..vectors import PersonaVector
 
+    check_profile_by(by)
     run_folder(out, "--out")
     shipped = vectors is None
     if shipped:
@@ -87,13 +90,15 @@ def profile_cmd(
             raise PersonavecError(f"--steer: {missing[0]!r} is not among the profiled traits ({', '.join(traits)})")
         cfg.extra["steer"] = steered
     summary = run_profile(cfg, traits, lm, tokenizer, out, judge=make_judge(judge_spec), second=second, force=force,
-                          steer=steered)
+                          steer=steered, by=by)
     for name, t in summary["traits"].items():
         main = t.get("response_scaled") or t.get("response")
         line = f"{name}: response {main['mean']:.3f} [{main['ci'][0]:.3f}, {main['ci'][1]:.3f}]"
         if compare:
             line += f", difference {t['difference']:+.3f}" + (" (interval excludes 0)" if t["significant"] else "")
         log(line)
+    if by:
+        print_breakdown(summary["by"], f"readings by {by}")
     print(f"report: {out / 'report.html'}")
 
 

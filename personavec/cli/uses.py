@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (chat_output, command_vector, finite_float, fraction, load_engine_model, log, non_negative_float, non_negative_int,
-                     positive_int, run_folder, vector_layer)
+from .common import (by_option, chat_output, command_vector, finite_float, fraction, load_engine_model, log,
+                     non_negative_float, non_negative_int, positive_int, print_breakdown, run_folder, vector_layer)
 from .judge import scheme_option
 
 # The Ray options of `monitor` and `screen`, declared once.
@@ -28,6 +28,8 @@ ShardSize = Annotated[Optional[int], typer.Option("--shard-size", help="--ray: c
 
 VECTOR_HELP = ".safetensors vector file (or .gguf / .pt); without it, --trait NAME uses the vector shipped for --model"
 LAYER_HELP = "layer to read (default: the layer recorded in the vector file)"
+BY_HELP = ("break the summary down by this field of the input lines (a dotted path such as meta.source): count, "
+           "mean, sd and 95% CI per value, in the table, summary.json and report.html")
 
 
 def _record_dir(output: Path, out: Optional[Path]) -> Path:
@@ -88,6 +90,7 @@ def monitor_cmd(
                                               callback=finite_float),
     scores: Optional[str] = typer.Option(None, "--scores", help="numeric field (dotted path) to correlate with"),
     top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary (0: none)", callback=non_negative_int),
+    by: Optional[str] = typer.Option(None, "--by", help=BY_HELP + "; with --scores, r per value", callback=by_option),
     study: Optional[str] = typer.Option(None, "--study", help="system-prompts | many-shot: the paper's experiment"),
     trait_name: Optional[str] = typer.Option(None, "--trait", help="the shipped vector for --model when no --vector; "
                                              "--study: trait (default: the vector's)"),
@@ -120,6 +123,8 @@ def monitor_cmd(
     """Project prompts on a persona vector before the model answers (or run the paper's monitoring study)."""
     rc = _ray_config(ray, ray_address, workers, gpus_per_worker, cpus_per_worker, shard_size)
     if study is not None:
+        if by is not None:
+            raise PersonavecError("--by groups --input lines; --study already breaks its prompts down by condition")
         if rc is not None:
             raise PersonavecError("--ray scores --input files; --study runs in one process")
         run_folder(out, "--out")
@@ -129,6 +134,7 @@ def monitor_cmd(
                       scheme, calibration, no_calibrate)
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
+    from ..breakdown import group_keys
     from ..chat import check_responses, read_chats
     from ..datasets_io import write_chats
     from ..pipeline.monitor import monitor_chats, monitor_rows, monitor_summary, numeric_field, write_monitor_report
@@ -141,6 +147,7 @@ def monitor_cmd(
     if position == "response_avg":  # before the model is loaded and the run folder written
         check_responses(records, "--position response_avg averages the answer's tokens")
     score_values = [numeric_field(r, scores) for r in records] if scores else None
+    keys = group_keys(records, by) if by else None  # a line without the field is refused before the model loads
     if rc is None:
         lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
         layer = vector_layer(vector, lm, layer)
@@ -150,7 +157,7 @@ def monitor_cmd(
     # output and the run folder always come from one run.
     run = RunDir.replace(_record_dir(output, out), {
         "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
-        "layer": layer, "position": position, "threshold": threshold, "scores": scores,
+        "layer": layer, "position": position, "threshold": threshold, "scores": scores, "by": by,
         **({"ray": asdict(rc)} if rc else {})})
     if rc is None:
         rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
@@ -161,11 +168,11 @@ def monitor_cmd(
                                                           batch_size, max_length, engine, dtype,
                                                           tensor_parallel_size, run.path, rc, log))
     write_chats(output, rows, like=records)
-    summary = monitor_summary(rows, top_k, threshold, score_values)
+    summary = monitor_summary(rows, top_k, threshold, score_values, by, keys, scores)
     summary.update(trait=vector.trait, layer=rows[0]["persona"]["layer"], output=str(output))
     run.write_json("summary.json", summary)
     write_monitor_report(run.file("report.html"), f"personavec monitor: {vector.trait or 'vector'} on {input_path}",
-                         rows, summary, score_values, scores)
+                         rows, summary, score_values, scores, keys)
     _print_distribution(f"projection at layer {summary['layer']}", summary["projection"])
     for t in summary["top"]:
         log(f"  line {t['line']:>5}  {t['projection']:+.3f}  {t['prompt']}")
@@ -174,6 +181,8 @@ def monitor_cmd(
     if scores:
         c = summary["correlation"]
         log(f"projection vs {scores}: Pearson r {_fmt(c['pearson'])}, Spearman ρ {_fmt(c['spearman'])} (n {c['n']})")
+    if by:
+        print_breakdown(summary["by"], f"projection at layer {summary['layer']} by {by}")
     if rc is not None:
         from ..pipeline.scale import clear_shards
 
@@ -240,6 +249,8 @@ def screen_cmd(
     labels: Optional[str] = typer.Option(None, "--labels", help="0/1 field: print AUROC of each score against it"),
     trait_name: Optional[str] = typer.Option(None, "--trait", help="without --vector: the vector shipped for --model"),
     top_k: int = typer.Option(10, "--top-k", help="lines shown in the summary (0: none)", callback=non_negative_int),
+    by: Optional[str] = typer.Option(None, "--by", help=BY_HELP + " of the ranking score; with --labels, AUROC "
+                                     "per value", callback=by_option),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: <output>_run)"),
     batch_size: int = typer.Option(16, "--batch-size", callback=positive_int),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="skip longer chats (default: model context)",
@@ -270,12 +281,20 @@ def screen_cmd(
     run_folder(_record_dir(output, out), "--out")
     vector, vector_path = command_vector(vector_path, trait_name, model)
     records = read_chats(data, require_response=True)
+    if by:
+        from ..breakdown import group_keys
+
+        group_keys(records, by)  # a line without the field is refused before the model loads
+    if labels:
+        from ..pipeline.screen import read_labels
+
+        read_labels(records, labels)  # likewise a line without a 0/1 label
     cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
     if rc is None:
         lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
         s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
-                       keep_below, top_k)
+                       keep_below, top_k, by=by)
     else:  # the actors load the model; everything after the scores is the single-process path
         from ..pipeline.scale import clear_shards, ray_screen_scorer, ray_task
         from ..pipeline.screen import BaseAnswerCache
@@ -283,7 +302,7 @@ def screen_cmd(
         task = ray_task(model, engine, dtype, tensor_parallel_size, cfg, str(BaseAnswerCache.default_path()))
         s = run_screen(cfg, records, vector, None, None, output, _record_dir(output, out), labels, drop_top,
                        keep_below, top_k, scorer=ray_screen_scorer(cfg, vector, task, rc, log),
-                       extra_config={"ray": asdict(rc)})
+                       extra_config={"ray": asdict(rc)}, by=by)
         clear_shards(_record_dir(output, out))
     for name, dist in s["distribution"].items():
         _print_distribution(f"{name} at layer {s['layer']}", dist)
@@ -294,6 +313,8 @@ def screen_cmd(
         log(f"  line {t['line']:>5}  {t['score']:+.3f}  {t['answer'][:80]}")
     if labels:
         log("AUROC against " + labels + ": " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in s["auroc"].items()))
+    if by:
+        print_breakdown(s["by"], f"{s['rank_by']} at layer {s['layer']} by {by}")
     if "filtered" in s:
         f = s["filtered"]
         log(f"kept {f['kept']} of {f['of']} ({f['rule']}) -> {f['path']}")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..breakdown import group_by, report_section
 from ..chat import prompt_text, user_chat, write_jsonl
+from ..errors import PersonavecError, arg
 from ..backends import transformers_model
 from ..models import decoder_stack
 from ..runs import RunDir, config_dict
@@ -109,10 +111,35 @@ def evaluate_run_config(cfg: EvaluateConfig, vector: PersonaVector) -> dict:
     return {"command": "evaluate", **cfg.as_config(), "vector_sha256": digest, "layer": vector.check_layer(cfg.layer)}
 
 
+# What `by=` can group the steered answers by: a trait's questions are plain text with no fields of their own, so
+# the fields an answer has are its coefficient and its question.
+EVALUATE_BY = ("coef", "question")
+
+
+def check_evaluate_by(by: str | None) -> None:
+    if by is not None and by not in EVALUATE_BY:
+        raise PersonavecError(f"{arg('by', by)}: evaluate groups its steered answers by {' or '.join(EVALUATE_BY)} "
+                              "(a trait's questions carry no other fields)")
+
+
+def evaluate_breakdown(rows: list[dict], by: str) -> dict:
+    """The trait scores of the steered answers by `coef` (per coefficient, with a 95% interval) or by `question`
+    (per question, with the correlation of its trait score with the coefficient: how far steering moves it)."""
+    check_evaluate_by(by)
+    values, keys = [r["trait_score"] for r in rows], [r[by] for r in rows]
+    if by == "question":
+        return group_by(values, keys, scores=[r["coef"] for r in rows], field=by, measure="trait_score",
+                        scores_field="coef")
+    return group_by(values, keys, field=by, measure="trait_score")
+
+
 def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model, tokenizer, judge, out: str | Path,
-                 force: bool = False) -> dict:
+                 force: bool = False, by: str | None = None) -> dict:
+    """Answer the trait's evaluation questions under each coefficient (and the prompting baseline), judge them and
+    write the run folder; `by` (`coef` or `question`) adds a breakdown of the steered answers' trait scores."""
     from ..report import figure_html, table_html, write_report
 
+    check_evaluate_by(by)
     vector.check_model(model)
     layer = vector.check_layer(cfg.layer)
     run = RunDir(out, evaluate_run_config(cfg, vector), force=force, resume_keys=cfg.resume_keys)
@@ -155,6 +182,8 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
                "judge": cfg.judge, "judge_scheme": cfg.judge_scheme, "per_coef": curve}
     if cfg.baseline:
         summary["baseline"] = baseline
+    if by is not None:
+        summary["by"] = evaluate_breakdown(rows, by)
     run.write_json("summary.json", summary)
 
     examples = [[r["question"]] + [next((x["answer"] for x in rows if x["question"] == r["question"] and x["coef"] == c), "")
@@ -168,7 +197,8 @@ def run_evaluate(cfg: EvaluateConfig, trait: Trait, vector: PersonaVector, model
     ] + ([("Prompting baseline (unsteered; the dotted lines on the curve)", table_html(
         ["condition", "trait mean", "trait std", "coherence mean", "coherence std"],
         [[c, b["trait"]["mean"], b["trait"]["std"], b["coherence"]["mean"], b["coherence"]["std"]]
-         for c, b in baseline.items()]))] if baseline else []))
+         for c, b in baseline.items()]))] if baseline else [])
+       + ([report_section(summary["by"], [r["trait_score"] for r in rows], [r[by] for r in rows])] if by else []))
     return summary
 
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..breakdown import group_by, group_keys, report_section
 from ..chat import ChatRecord, check_responses, user_chat, write_jsonl
 from ..errors import PersonavecError, arg
 from ..report import figure_html, number, table_html, write_report
@@ -99,7 +100,10 @@ def _snippet(row: dict, width: int = 90) -> str:
 
 
 def monitor_summary(rows: list[dict], top_k: int = 10, threshold: float | None = None,
-                    scores: list[float] | None = None) -> dict:
+                    scores: list[float] | None = None, by: str | None = None, keys: list | None = None,
+                    scores_field: str | None = None) -> dict:
+    """The distribution of the projections, the top lines, and with `scores` their correlation; with `by`, the
+    breakdown by that field (`keys`: its value on each line, read from the input; default: from `rows`)."""
     values = [math.nan if r["persona"]["projection"] is None else r["persona"]["projection"] for r in rows]
     ranked = sorted((i for i, v in enumerate(values) if not math.isnan(v)), key=lambda i: -values[i])
     summary = {
@@ -113,11 +117,14 @@ def monitor_summary(rows: list[dict], top_k: int = 10, threshold: float | None =
         pairs = [(v, s) for v, s in zip(values, scores) if not math.isnan(v)]
         summary["correlation"] = {"n": len(pairs), "pearson": pearson([p for p, _ in pairs], [s for _, s in pairs]),
                                   "spearman": spearman([p for p, _ in pairs], [s for _, s in pairs])}
+    if by is not None:
+        summary["by"] = group_by(values, group_keys(rows, by) if keys is None else keys, scores=scores, field=by,
+                                 measure="projection", scores_field=scores_field if scores is not None else None)
     return summary
 
 
 def write_monitor_report(path: Path, title: str, rows: list[dict], summary: dict, scores: list[float] | None,
-                         scores_field: str | None) -> None:
+                         scores_field: str | None, keys: list | None = None) -> None:
     import matplotlib.pyplot as plt
 
     values = [r["persona"]["projection"] for r in rows if r["persona"]["projection"] is not None]
@@ -141,6 +148,9 @@ def write_monitor_report(path: Path, title: str, rows: list[dict], summary: dict
         c = summary["correlation"]
         ax.set_title(f"Pearson r {number(c['pearson'])}, Spearman ρ {number(c['spearman'])}")
         sections.append((f"Projection vs {scores_field}", figure_html(fig, "scatter of projection against score")))
+    if "by" in summary:
+        sections.insert(1, report_section(summary["by"], [r["persona"]["projection"] for r in rows],
+                                          keys if keys is not None else group_keys(rows, summary["by"]["field"])))
     write_report(path, title, sections)
 
 

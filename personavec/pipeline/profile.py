@@ -20,7 +20,8 @@ import torch
 
 from ..activations import capture
 from ..backends import as_backend
-from ..errors import PersonavecError
+from ..breakdown import group_by
+from ..errors import PersonavecError, arg
 from ..generate import generate
 from ..runs import RunDir, config_dict
 from ..traits import Trait
@@ -178,10 +179,49 @@ def summarise(readings: dict, cfg: ProfileConfig, compared: dict | None = None) 
     return {"model": cfg.model, "compare": cfg.compare, "traits": traits}
 
 
+# What `by=` can group each trait's readings by: the questions are a trait's plain-text evaluation questions, so
+# the fields a reading has are the model that answered and the question it answered.
+PROFILE_BY = ("model", "question")
+
+
+def check_profile_by(by: str | None) -> None:
+    if by is not None and by not in PROFILE_BY:
+        raise PersonavecError(f"{arg('by', by)}: profile groups each trait's readings by {' or '.join(PROFILE_BY)} "
+                              "(the answering model, or the evaluation question)")
+
+
+def profile_breakdown(readings: dict, by: str, cfg: ProfileConfig, compared: dict | None = None) -> dict:
+    """Each trait's response readings (on the 0..1 scale where its vector records one, else raw) grouped by the
+    answering `model` (`cfg.model`, and `cfg.compare` with `compared`) or by `question`; with judged scores, the
+    correlation of the reading with them per group. One flat list of groups, each naming its trait."""
+    check_profile_by(by)
+    first = cfg.model
+    second = cfg.compare if cfg.compare != cfg.model else f"{cfg.compare} (compare)"  # two groups, not one
+    groups = []
+    judged = False
+    for name, entry in readings.items():
+        measure = "response_scaled" if any(v is not None for v in entry["response_scaled"]) else "response"
+        sets = [(first, entry)] + ([(second, compared[name])] if compared is not None else [])
+        values = [v for _, e in sets for v in e[measure]]
+        keys = [model if by == "model" else q for model, e in sets for q in e["questions"]]
+        scores = [s for _, e in sets for s in e["judged"]] if all("judged" in e for _, e in sets) else None
+        judged = judged or scores is not None
+        part = group_by(values, keys, scores=scores, field=by, measure=measure, bootstrap=cfg.bootstrap, seed=cfg.seed)
+        groups += [{"trait": name, "measure": measure, **g} for g in part["groups"]]
+    out = {"field": by, "measure": "response reading (0..1 where the vector records its scale, else raw)"}
+    if judged:
+        out["scores"] = "judged"
+    out["groups"] = groups
+    return out
+
+
 def run_profile(cfg: ProfileConfig, traits: dict[str, tuple[Trait, PersonaVector]], model, tokenizer, out: str | Path,
-                judge=None, second=None, force: bool = False, steer: list[str] | None = None) -> dict:
+                judge=None, second=None, force: bool = False, steer: list[str] | None = None,
+                by: str | None = None) -> dict:
     """Profile `model` (and `second`, a model or backend to compare with; or, with `steer`, the cross-trait
-    effects of steering each of those traits); writes the run folder `out`."""
+    effects of steering each of those traits); writes the run folder `out`. `by` (`model` or `question`) adds a
+    breakdown of each trait's readings."""
+    check_profile_by(by)
     run = RunDir(out, cfg.as_config(), force=force)
     first = read_model(model, tokenizer, traits, cfg.questions, cfg.max_new_tokens, cfg.batch_size, judge)
     run.write_json("readings.json", first)
@@ -190,6 +230,8 @@ def run_profile(cfg: ProfileConfig, traits: dict[str, tuple[Trait, PersonaVector
         compared = read_model(second, tokenizer, traits, cfg.questions, cfg.max_new_tokens, cfg.batch_size, judge)
         run.write_json("readings_compare.json", compared)
     summary = summarise(first, cfg, compared)
+    if by is not None:
+        summary["by"] = profile_breakdown(first, by, cfg, compared)
     if steer:
         summary["cross_traits"] = cross_traits(model, tokenizer, traits, steer, cfg.questions or 5, cfg.max_new_tokens,
                                                cfg.batch_size)
@@ -241,6 +283,10 @@ def _write_report(path: Path, summary: dict) -> None:
         headers.append("difference (second - first) *: interval excludes 0")
     sections = [("Radar", figure_html(_radar(summary), "radar plot of the traits")),
                 ("Readings (mean and bootstrap 95% interval over questions)", table_html(headers, rows))]
+    if summary.get("by"):
+        from ..breakdown import report_section
+
+        sections.append(report_section(summary["by"]))
     if summary.get("cross_traits"):
         sections.append(("Cross-trait effects: steering one trait, reading every trait",
                          figure_html(_heatmaps(summary["cross_traits"]), "cross-trait effect and cosine heatmaps")))

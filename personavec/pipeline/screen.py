@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..breakdown import group_by, group_keys, report_section
 from ..cache import SqliteCache, cache_dir
 from ..chat import ChatRecord, prompt_text, write_jsonl
 from ..datasets_io import kept_path, write_chats
@@ -178,7 +179,9 @@ def select_rows(personas: list[dict], rank_by: str, drop_top: float | None = Non
 
 
 def screen_summary(records: list[ChatRecord], personas: list[dict], rank_by: str, labels: list[int] | None,
-                   top_k: int = 20) -> dict:
+                   top_k: int = 20, by: str | None = None, labels_field: str | None = None) -> dict:
+    """Distribution, dataset mean and top lines of each score, AUROC against `labels`; with `by`, the breakdown of
+    the `rank_by` score by that field of the lines (per value: count, mean, sd, 95% CI, AUROC)."""
     scores = [s for s in SCORES if s in personas[0]]
     column = {s: [math.nan if p[s] is None else p[s] for p in personas] for s in scores}
     ranked = sorted((i for i, v in enumerate(column[rank_by]) if not math.isnan(v)), key=lambda i: -column[rank_by][i])
@@ -195,6 +198,9 @@ def screen_summary(records: list[ChatRecord], personas: list[dict], rank_by: str
         for s in scores:
             pairs = [(y, v) for y, v in zip(labels, column[s]) if not math.isnan(v)]
             summary["auroc"][s] = auroc([y for y, _ in pairs], [v for _, v in pairs])
+    if by is not None:
+        summary["by"] = group_by(column[rank_by], group_keys(records, by), labels, field=by, measure=rank_by,
+                                 labels_field=labels_field if labels is not None else None)
     return summary
 
 
@@ -206,7 +212,7 @@ def _text(text: str, width: int = 100) -> str:
 def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVector, model, tokenizer,
                output: str | Path, run_dir: str | Path, labels_field: str | None = None, drop_top: float | None = None,
                keep_below: float | None = None, top_k: int = 20, cache: BaseAnswerCache | None = None,
-               scorer=None, extra_config: dict | None = None) -> dict:
+               scorer=None, extra_config: dict | None = None, by: str | None = None) -> dict:
     """Score, write the scored output (and the filtered one), the run folder's summary and report.
 
     `scorer(records, run)` -> `(personas, base answers)` replaces the in-process `screen_records` (the Ray runner,
@@ -215,13 +221,15 @@ def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVect
     if drop_top is not None and keep_below is not None:
         raise PersonavecError(f"use either {arg('drop_top')} or {arg('keep_below')}, not both")
     labels = read_labels(records, labels_field) if labels_field else None
+    keys = group_keys(records, by) if by else None  # a line without the field is refused before any scoring
     if scorer is None:
         vector.check_model(model)  # a vector for another model says so before anything about its layer
     else:
         check_screen_records(records)
     layer = vector.check_layer(cfg.layer)
     run = RunDir.replace(run_dir, {**cfg.as_config(), "layer": layer, "labels": labels_field,
-                                   "drop_top": drop_top, "keep_below": keep_below, **(extra_config or {})})
+                                   "drop_top": drop_top, "keep_below": keep_below, "by": by,
+                                   **(extra_config or {})})
     if scorer is None:
         personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
     else:
@@ -230,7 +238,7 @@ def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVect
     write_chats(output, ({**r.to_json(), "persona": p} for r, p in zip(records, personas)), like=records)
     if answers:
         write_jsonl(run.file("base_answers.jsonl"), ({"line": i + 1, "answer": a} for i, a in enumerate(answers)))
-    summary = screen_summary(records, personas, cfg.rank_by, labels, top_k)
+    summary = screen_summary(records, personas, cfg.rank_by, labels, top_k, by, labels_field)
     summary.update(trait=vector.trait, layer=layer, data=cfg.data, output=str(output))
     if drop_top is not None or keep_below is not None:
         kept = select_rows(personas, cfg.rank_by, drop_top, keep_below)
@@ -240,11 +248,12 @@ def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVect
         summary["filtered"] = {"path": str(filtered), "kept": len(kept), "of": len(records),
                                "rule": f"drop top {drop_top:.0%}" if drop_top is not None else f"{cfg.rank_by} < {keep_below}"}
     run.write_json("summary.json", summary)
-    _write_report(run.file("report.html"), summary, personas, labels, cfg)
+    _write_report(run.file("report.html"), summary, personas, labels, cfg, keys)
     return summary
 
 
-def _write_report(path: Path, summary: dict, personas: list[dict], labels: list[int] | None, cfg: ScreenConfig) -> None:
+def _write_report(path: Path, summary: dict, personas: list[dict], labels: list[int] | None, cfg: ScreenConfig,
+                  keys: list | None = None) -> None:
     import matplotlib.pyplot as plt
 
     sections = []
@@ -265,6 +274,8 @@ def _write_report(path: Path, summary: dict, personas: list[dict], labels: list[
         ax.set_ylabel("samples")
         note = f"<p>AUROC against labels: {number(summary['auroc'][score])}</p>" if labels else ""
         sections.append((score, figure_html(fig, f"histogram of {score}") + note))
+    if "by" in summary:
+        sections.append(report_section(summary["by"], [p[summary["rank_by"]] for p in personas], keys))
     sections.append((f"Ranking by {summary['rank_by']} (highest first)", table_html(
         ["line", "score", "prompt", "answer"], [[t["line"], t["score"], t["prompt"], t["answer"]] for t in summary["top"]])))
     if "filtered" in summary:
