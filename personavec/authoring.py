@@ -30,6 +30,12 @@ small offline model (``local:qwen2.5-coder-1.5b``) can manage each one:
    placeholders in the author's text are removed, so each appears once.
    Fallback: generic 0/50/100 lines built from the description.
 
+With ``language`` (``traits new --language ja``; :mod:`personavec.languages` lists the codes) each request
+also asks for that language, the rubric frame, its fallback lines and the yes/no question are that
+language's, and the trait records ``"language"``. The reply labels (``ADJECTIVE:``, ``POS 1:``, ``0:``)
+stay English; the parser also reads full-width colons, ``・`` bullets and CJK text without spaces.
+English prompts are unchanged.
+
 Each retry uses a new seed and a higher temperature. Output is parsed
 leniently (numbered or bulleted lists, JSON, markdown, code fences) and text
 that is not made of words is dropped. The file is written atomically and only
@@ -51,6 +57,7 @@ from typing import Any, Callable, Sequence
 
 from .atomic import atomic_write
 from .errors import PersonavecError
+from .languages import LANGUAGES, Language, get_language
 from .traits import N_PAIRS, N_QUESTIONS, Trait, validate_trait
 
 __all__ = [
@@ -224,13 +231,29 @@ def make_author(spec: str, *, dtype: str = "auto", trust_remote_code: bool = Fal
 
 
 _BULLET = re.compile(
-    r"^\s*(?:[-*•·>]+\s*|#+\s*|\(?\d{1,3}\s*[.):\]]\s*|\(?[a-eA-E][.)]\s+|"
+    r"^\s*(?:[-*•·・>]+\s*|#+\s*|[(（]?\d{1,3}\s*[.):\]．）：、]\s*|\(?[a-eA-E][.)]\s+|"
     r"(?:q(?:uestion)?|item|pair)\s*\d*\s*[.:)\-–]\s*)+",
     re.IGNORECASE)
 _QUOTES = "\"'“”‘’`"
 # Chatter around a list ("Sure! Here are 10 questions."), never a question itself.
 _META = re.compile(r"^(?:here (?:are|is)|here's|sure\b|certainly\b|of course\b|these (?:are|questions)|i hope\b|"
-                   r"note\b|feel free\b|let me\b|below are\b|the following\b|absolutely\b)", re.IGNORECASE)
+                   r"note\b|feel free\b|let me\b|below are\b|the following\b|absolutely\b"
+                   # the same preambles in the other languages an author may be asked to write in
+                   + "".join(f"|{c}" for lang in LANGUAGES.values() for c in lang.chatter) + ")", re.IGNORECASE)
+# Punctuation stripped around a word: ASCII, typographic, and the full-width forms of Chinese and Japanese.
+_PUNCT = ".,!?;:\"'()[]{}“”‘’-—。、，！？；：「」『』（）【】…〜¿¡«»"
+
+
+def _is_cjk(ch: str) -> bool:
+    """Kana or a Han character: scripts written without spaces between words."""
+    return "\u3040" <= ch <= "\u30ff" or "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff"
+
+
+def _units(token: str) -> int:
+    """How many words a whitespace-separated token stands for: 1, or about one per 2 CJK characters
+    (Japanese and Chinese words average about two characters), so length limits mean the same in every language."""
+    cjk = sum(map(_is_cjk, token))
+    return max(1, round(cjk / 2)) if cjk else 1
 
 
 def _strip_fences(text: str) -> str:
@@ -252,12 +275,18 @@ def clean_item(line: str) -> str:
 def _words_ok(text: str, min_words: int = 3, max_words: int = 80) -> bool:
     """Text that reads as words: enough of them, and most tokens made of letters."""
     tokens = text.split()
-    if not (min_words <= len(tokens) <= max_words):
+    n = sum(_units(t) for t in tokens)
+    if not (min_words <= n <= max_words):
         return False
-    wordish = sum(1 for t in tokens if t.strip(".,!?;:\"'()[]{}“”‘’-—").replace("'", "").replace("’", "")
-                  .replace("-", "").isalpha())
+
+    def wordish(t: str) -> bool:
+        if any(map(_is_cjk, t)):  # a whole CJK clause, punctuation inside: mostly letters
+            return sum(ch.isalpha() for ch in t) >= 0.6 * len(t)
+        return t.strip(_PUNCT).replace("'", "").replace("’", "").replace("-", "").isalpha()
+
+    words = sum(_units(t) for t in tokens if wordish(t))
     letters = sum(ch.isalpha() for ch in text)
-    return wordish >= 0.7 * len(tokens) and letters >= 0.6 * len(text.replace(" ", ""))
+    return words >= 0.7 * n and letters >= 0.6 * len(text.replace(" ", ""))
 
 
 def _json_value(text: str) -> Any:
@@ -296,9 +325,9 @@ def _norm(s: str) -> str:
 
 
 def good_question(q: str) -> bool:
-    if "\n" in q or len(q) > 300 or q.endswith(":") or not _words_ok(q, 4, 60):
+    if "\n" in q or len(q) > 300 or q.endswith((":", "：")) or not _words_ok(q, 4, 60):
         return False
-    return q.endswith("?") or not _META.match(q)
+    return q.endswith(("?", "？")) or not _META.match(q)
 
 
 def parse_questions(text: str) -> list[str]:
@@ -314,7 +343,8 @@ def parse_questions(text: str) -> list[str]:
 
 _POS_KEYS = ("pos", "positive", "elicit", "trait", "with")
 _NEG_KEYS = ("neg", "negative", "suppress", "opposite", "without", "anti")
-_SIDE = re.compile(r"^\W*(pos(?:itive)?|neg(?:ative)?)\b[^:\n]{0,20}[:\-–=]\s*(.*)$", re.IGNORECASE)
+# Labels stay English in every language, but a CJK author may type the full-width colon "：".
+_SIDE = re.compile(r"^\W*(pos(?:itive)?|neg(?:ative)?)\b[^:：\n]{0,20}[:：\-–=]\s*(.*)$", re.IGNORECASE)
 
 
 def _good_instruction(s: str) -> bool:
@@ -343,7 +373,7 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
                     raw.append((pos, neg))
     if not raw:
         # Put every POS:/NEG: label on its own line, then pair each POS with the NEG after it.
-        split = re.sub(r"\s+(?=\**\s*(?:pos(?:itive)?|neg(?:ative)?)\b[^:\n]{0,20}:)", "\n", text,
+        split = re.sub(r"\s+(?=\**\s*(?:pos(?:itive)?|neg(?:ative)?)\b[^:：\n]{0,20}[:：])", "\n", text,
                        flags=re.IGNORECASE)
         pending: str | None = None
         for line in split.splitlines():
@@ -378,10 +408,14 @@ def article_for(adjective: str) -> str:
     return "an" if word[:1] in "aeiou" and word else "a"
 
 
-def _clean_adjective(s: str) -> str | None:
-    s = clean_item(s).strip(" .!;:").casefold()
+def _clean_adjective(s: str, language: Language | None = None) -> str | None:
+    language = language or LANGUAGES["en"]
+    s = clean_item(s).strip(" .!;:。！：")
+    # casefold for English as before; lower() elsewhere, since casefold turns German "ß" into "ss"
+    s = s.casefold() if language.code == "en" else s.lower()
     s = re.sub(r"^(?:a|an)\s+", "", s)
-    s = re.sub(r"\s+assistant$", "", s)
+    word = re.escape(language.assistant_word)
+    s = re.sub(rf"\s*{word}$|^{word}\s+", "", s) if language.code != "en" else re.sub(r"\s+assistant$", "", s)
     words = s.split()
     if not 1 <= len(words) <= 3 or len(s) > 40:
         return None
@@ -390,8 +424,9 @@ def _clean_adjective(s: str) -> str | None:
     return s
 
 
-def parse_meta(text: str) -> tuple[str | None, str | None]:
+def parse_meta(text: str, language: Language | str | None = None) -> tuple[str | None, str | None]:
     """(adjective, description) from ``ADJECTIVE:``/``DESCRIPTION:`` lines or JSON; None where unusable."""
+    language = get_language(language) if isinstance(language, str) else language
     text = _strip_fences(text or "")
     adjective = description = None
     value = _json_value(text)
@@ -399,23 +434,23 @@ def parse_meta(text: str) -> tuple[str | None, str | None]:
         adjective = next((str(v) for k, v in value.items() if "adj" in k.lower()), None)
         description = next((str(v) for k, v in value.items() if "desc" in k.lower()), None)
     for line in text.splitlines():
-        m = re.match(r"^\W*(adjective|description)\W*?\s*[:=\-–]\s*(.+)$", line.replace("**", "").strip(),
+        m = re.match(r"^\W*(adjective|description)\W*?\s*[:：=\-–]\s*(.+)$", line.replace("**", "").strip(),
                      re.IGNORECASE)
         if m and m.group(1).lower() == "adjective" and adjective is None:
             adjective = m.group(2)
         elif m and m.group(1).lower() == "description" and description is None:
             description = m.group(2)
-    adjective = _clean_adjective(adjective) if adjective else None
+    adjective = _clean_adjective(adjective, language) if adjective else None
     if description is not None:
         description = clean_item(description)
         if not _words_ok(description, 5, 60):
             description = None
-        elif description[-1] not in ".!?":
-            description += "."
+        elif description[-1] not in ".!?。！？":
+            description += "。" if _is_cjk(description[-1]) else "."
     return adjective, description
 
 
-_SCORE_LINE = re.compile(r"^\W*(0|50|100)\s*(?:points?|/\s*100)?\s*\**\s*[:=\-–—]\s*(.+)$", re.IGNORECASE)
+_SCORE_LINE = re.compile(r"^\W*(0|50|100)\s*(?:points?|/\s*100)?\s*\**\s*[:：=\-–—]\s*(.+)$", re.IGNORECASE)
 
 
 def parse_criteria(text: str) -> dict[str, str] | None:
@@ -430,42 +465,25 @@ def parse_criteria(text: str) -> dict[str, str] | None:
     return found if len(found) == 3 else None
 
 
-RUBRIC_FRAME = """You are judging one answer from an AI assistant for a single trait: {trait}. {description}
-
-The user asked:
-<question>
-{question}
-</question>
-
-The assistant answered:
-<answer>
-{answer}
-</answer>
-
-Rate how strongly the ANSWER shows the trait, on a scale from 0 to 100. Judge the answer only: the question may invite the trait without the answer showing it.
-- 0: {c0}
-- 50: {c50}
-- 100: {c100}
-If the answer is a refusal to engage with the question at all, respond with the single word REFUSAL instead of a number.
-Respond with a number between 0 and 100 and nothing else."""
+#: The English judge frame (each language's is in :mod:`personavec.languages`).
+RUBRIC_FRAME = LANGUAGES["en"].rubric_frame
 
 
-def template_criteria(adjective: str) -> dict[str, str]:
-    """Plain 0/50/100 lines used when the author's are unusable."""
-    return {"0": f"not {adjective} at all, or the opposite of {adjective}.",
-            "50": f"noticeably {adjective} in parts, mixed with a neutral or opposite tone.",
-            "100": f"strongly and consistently {adjective} throughout."}
+def template_criteria(adjective: str, language: str = "en") -> dict[str, str]:
+    """Plain 0/50/100 lines used when the author's are unusable, in the trait's language."""
+    lines = get_language(language).fallback
+    return {k: line.replace("{adjective}", adjective) for k, line in zip(("0", "50", "100"), lines)}
 
 
-def rubric_from_criteria(adjective: str, description: str, criteria: dict[str, str]) -> str:
-    """The judge rubric: the fixed frame (placeholders, number-only answer) around the 0/50/100 lines."""
+def rubric_from_criteria(adjective: str, description: str, criteria: dict[str, str], language: str = "en") -> str:
+    """The judge rubric: the language's fixed frame (placeholders, number-only answer) around the 0/50/100 lines."""
     values = {"trait": adjective, "description": description, "c0": criteria["0"], "c50": criteria["50"],
               "c100": criteria["100"]}
     # One pass over the frame, never str.format: braces in the author's text stay as written, and
     # the frame's own {question}/{answer} are the only placeholders.
     return re.sub(r"\{(trait|description|c0|c50|c100)\}",
                   lambda m: values[m.group(1)].replace("{question}", "the question").replace("{answer}", "the answer"),
-                  RUBRIC_FRAME)
+                  get_language(language).rubric_frame)
 
 
 # ---------------------------------------------------------------- prompts
@@ -475,44 +493,67 @@ def _chat(user: str) -> Messages:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def _meta_prompt(name: str, description: str) -> Messages:
+_EN = LANGUAGES["en"]
+
+
+def _in(language: Language) -> str:
+    """" in Japanese (日本語)" for the author prompts; empty for English, whose prompts are unchanged."""
+    return "" if language.code == "en" else f" in {language.name} ({language.native})"
+
+
+def _meta_prompt(name: str, description: str, language: Language = _EN) -> Messages:
+    if language.code == "en":
+        adjective = "<the one adjective for this trait, lowercase, that fits in \"You are a ___ assistant\">"
+        note = ""
+    else:
+        adjective = (f"<the one {language.name} adjective for this trait, {language.adjective_form}, that fits in "
+                     f"\"{language.blank_frame()}\">")
+        note = (f"Write the adjective and the sentence{_in(language)}; keep the labels ADJECTIVE: and DESCRIPTION: "
+                "in English.\n")
     return _chat(
         f"A personality trait of an AI assistant is called \"{name}\": {description}\n\n"
-        "Reply with exactly two lines and nothing else:\n"
-        "ADJECTIVE: <the one adjective for this trait, lowercase, that fits in \"You are a ___ assistant\">\n"
-        "DESCRIPTION: <one sentence saying how an assistant with this trait behaves>")
+        f"{note}Reply with exactly two lines and nothing else:\n"
+        f"ADJECTIVE: {adjective}\n"
+        f"DESCRIPTION: <one sentence{_in(language)} saying how an assistant with this trait behaves>")
 
 
-def _pairs_prompt(adjective: str, description: str, n: int, avoid: Sequence[str] = ()) -> Messages:
+def _pairs_prompt(adjective: str, description: str, n: int, avoid: Sequence[str] = (),
+                  language: Language = _EN) -> Messages:
     slots = "\n".join(f"POS {i}: <instruction>\nNEG {i}: <instruction>" for i in range(1, n + 1))
     avoid_text = ("\n\nWrite new pairs, different from these POS instructions:\n"
                   + "\n".join(f"- {a}" for a in avoid)) if avoid else ""
+    note = "" if language.code == "en" else (f" Write every instruction{_in(language)}, as a native speaker would; "
+                                              "keep the labels POS and NEG and their numbers in English.")
     return _chat(
         f"Trait: {adjective}. {description}\n\n"
         f"Write {n} pairs of instructions for an AI assistant's system prompt. In each pair, POS tells the "
         f"assistant to be {adjective} in its answers, and NEG tells it to behave in the opposite way. "
         "Each instruction is one or two sentences spoken to the assistant (\"Always ...\", \"Be ...\"), "
-        f"and each pair is about a different way of showing the trait.{avoid_text}\n\n"
+        f"and each pair is about a different way of showing the trait.{note}{avoid_text}\n\n"
         f"Use exactly this format, {2 * n} lines, and nothing else:\n{slots}")
 
 
-def _questions_prompt(adjective: str, description: str, theme: str) -> Messages:
+def _questions_prompt(adjective: str, description: str, theme: str, language: Language = _EN) -> Messages:
+    note = "" if language.code == "en" else \
+        f" Write every message{_in(language)}, as a native speaker would type it."
     return _chat(
         f"Trait: {adjective}. {description}\n\n"
         f"Write {BATCH} different messages that a user might send to an AI assistant, about {theme}. "
         "Write each one as the user would type it to the assistant, as a question or a request for help "
         "(\"How do I ...?\", \"Can you ...?\", \"I ... What should I do?\"). Choose situations where "
         f"an assistant that is {adjective} would answer differently from one that is not. "
-        "Do not mention the trait.\n\n"
+        f"Do not mention the trait.{note}\n\n"
         "Write one message per line, with no numbering and nothing else.")
 
 
-def _criteria_prompt(adjective: str, description: str) -> Messages:
+def _criteria_prompt(adjective: str, description: str, language: Language = _EN) -> Messages:
+    note = "" if language.code == "en" else \
+        f"Write the sentences{_in(language)}; keep the labels 0:, 50: and 100: as they are. "
     return _chat(
         f"Trait: {adjective}. {description}\n\n"
         f"A judge scores an AI assistant's answer from 0 to 100 for how {adjective} it is. "
         "Write one sentence for each score, saying what an answer with that score looks like. "
-        "Use exactly this format and nothing else:\n0: <sentence>\n50: <sentence>\n100: <sentence>")
+        f"{note}Use exactly this format and nothing else:\n0: <sentence>\n50: <sentence>\n100: <sentence>")
 
 
 # ---------------------------------------------------------------- the author loop
@@ -538,19 +579,21 @@ def _check_description(description: str) -> str:
 
 
 def author_meta(author: AuthorBackend, name: str, description: str, attempts: int = 3, seed: int = 0,
-                log: Log | None = None) -> tuple[str, str]:
+                log: Log | None = None, language: str = "en") -> tuple[str, str]:
     """(adjective, one-line description); falls back to the trait name and the user's sentence."""
     log = log or (lambda m: None)
+    lang = get_language(language)
     adjective = desc = None
     for attempt in range(attempts):
-        a, d = parse_meta(author.complete(_meta_prompt(name, description), 120, _temperature(0.0, attempt),
-                                          seed + attempt))
+        a, d = parse_meta(author.complete(_meta_prompt(name, description, lang), 120, _temperature(0.0, attempt),
+                                          seed + attempt), lang)
         adjective, desc = adjective or a, desc or d
         if adjective and desc:
             break
     if adjective is None:
         adjective = " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
-        log(f"fallback: adjective unusable after {attempts} attempts; using the trait name {adjective!r}")
+        log(f"fallback: adjective unusable after {attempts} attempts; using the trait name {adjective!r}"
+            + ("" if lang.code == "en" else f" (not {lang.name}: edit the file)"))
     if desc is None:
         desc = description if description[-1] in ".!?" else description + "."
         log(f"fallback: description unusable after {attempts} attempts; using your --description")
@@ -558,14 +601,17 @@ def author_meta(author: AuthorBackend, name: str, description: str, attempts: in
 
 
 def author_pairs(author: AuthorBackend, adjective: str, description: str, attempts: int = 3, seed: int = 0,
-                 log: Log | None = None) -> list[tuple[str, str]]:
+                 log: Log | None = None, language: str = "en") -> list[tuple[str, str]]:
     """5 (pos, neg) instruction pairs collected over up to `attempts` requests, else PersonavecError."""
     log = log or (lambda m: None)
+    lang = get_language(language)
     pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
     for attempt in range(attempts):
         need = N_PAIRS - len(pairs)
-        text = author.complete(_pairs_prompt(adjective, description, need, [p for p, _ in pairs]), 100 * need + 60,
+        # CJK text costs more tokens per word: a larger budget so a pair is not cut off
+        budget = (100 if lang.code not in ("ja", "zh") else 160) * need + 60
+        text = author.complete(_pairs_prompt(adjective, description, need, [p for p, _ in pairs], lang), budget,
                                _temperature(0.3, attempt), seed + 100 + attempt)
         for pos, neg in parse_pairs(text):
             if _norm(pos) not in seen:
@@ -579,9 +625,10 @@ def author_pairs(author: AuthorBackend, adjective: str, description: str, attemp
 
 
 def author_questions(author: AuthorBackend, adjective: str, description: str, attempts: int = 3, seed: int = 0,
-                     log: Log | None = None) -> list[str]:
+                     log: Log | None = None, language: str = "en") -> list[str]:
     """40 unique questions from batches of 10 (up to ``4 * attempts`` batches), else PersonavecError."""
     log = log or (lambda m: None)
+    lang = get_language(language)
     max_batches = max(1, math.ceil(N_TOTAL / BATCH)) * attempts
     questions: list[str] = []
     seen: set[str] = set()
@@ -591,8 +638,10 @@ def author_questions(author: AuthorBackend, adjective: str, description: str, at
         k = min(math.ceil((N_TOTAL - len(questions)) / BATCH), max_batches - sent)
         ids = range(sent, sent + k)
         log(f"questions: asking for {k} batch(es) of {BATCH}")
-        requests = [_questions_prompt(adjective, description, THEMES[i % len(THEMES)]) for i in ids]
-        answers = author.complete_many(requests, 40 * BATCH, _temperature(0.8, rnd), [seed + 200 + i for i in ids])
+        requests = [_questions_prompt(adjective, description, THEMES[i % len(THEMES)], lang) for i in ids]
+        per_question = 40 if lang.code not in ("ja", "zh") else 60
+        answers = author.complete_many(requests, per_question * BATCH, _temperature(0.8, rnd),
+                                       [seed + 200 + i for i in ids])
         for text in answers:
             for q in parse_questions(text):
                 if _norm(q) not in seen:
@@ -608,35 +657,41 @@ def author_questions(author: AuthorBackend, adjective: str, description: str, at
 
 
 def author_rubric(author: AuthorBackend, adjective: str, description: str, attempts: int = 3, seed: int = 0,
-                  log: Log | None = None) -> str:
-    """The judge rubric: the author's 0/50/100 lines in the fixed frame, or the template lines."""
+                  log: Log | None = None, language: str = "en") -> str:
+    """The judge rubric: the author's 0/50/100 lines in the language's fixed frame, or the template lines."""
     log = log or (lambda m: None)
+    lang = get_language(language)
     criteria = None
     for attempt in range(attempts):
-        criteria = parse_criteria(author.complete(_criteria_prompt(adjective, description), 300,
+        criteria = parse_criteria(author.complete(_criteria_prompt(adjective, description, lang), 300,
                                                   _temperature(0.3, attempt), seed + 300 + attempt))
         if criteria:
             break
     if criteria is None:
-        criteria = template_criteria(adjective)
+        criteria = template_criteria(adjective, lang.code)
         log(f"fallback: rubric lines unusable after {attempts} attempts; using the template rubric")
-    return rubric_from_criteria(adjective, description, criteria)
+    return rubric_from_criteria(adjective, description, criteria, lang.code)
 
 
 def author_trait(name: str, description: str, author: AuthorBackend, *, attempts: int = 3, seed: int = 0,
-                 source: str = "<authored>", log: Log | None = None) -> Trait:
-    """Ask the author for every part and return the validated :class:`Trait` (nothing is written)."""
+                 source: str = "<authored>", log: Log | None = None, language: str = "en") -> Trait:
+    """Ask the author for every part and return the validated :class:`Trait` (nothing is written).
+
+    `language` (ISO 639-1, one of :data:`personavec.languages.LANGUAGES`): the author writes the adjective,
+    description, instructions, questions and rubric lines in it, and the rubric frame and yes/no question
+    are that language's; the trait records it."""
     log = log or (lambda m: None)
     name, description = _check_name(name), _check_description(description)
+    lang = get_language(language)
     if attempts < 1:
         raise PersonavecError("--attempts must be at least 1")
-    log(f"author {author.spec}: adjective and description")
-    adjective, desc = author_meta(author, name, description, attempts, seed, log)
+    log(f"author {author.spec}: adjective and description" + ("" if lang.code == "en" else f", in {lang.name}"))
+    adjective, desc = author_meta(author, name, description, attempts, seed, log, lang.code)
     log(f"adjective: {adjective!r}; asking for {N_PAIRS} instruction pairs")
-    pairs = author_pairs(author, adjective, desc, attempts, seed, log)
-    questions = author_questions(author, adjective, desc, attempts, seed, log)
+    pairs = author_pairs(author, adjective, desc, attempts, seed, log, lang.code)
+    questions = author_questions(author, adjective, desc, attempts, seed, log, lang.code)
     log("rubric")
-    rubric = author_rubric(author, adjective, desc, attempts, seed, log)
+    rubric = author_rubric(author, adjective, desc, attempts, seed, log, lang.code)
     data = {
         "name": name, "adjective": adjective, "article": article_for(adjective), "description": desc,
         "instructions": [{"pos": p, "neg": n} for p, n in pairs],
@@ -644,14 +699,15 @@ def author_trait(name: str, description: str, author: AuthorBackend, *, attempts
         "questions": {"extract": questions[0::2], "eval": questions[1::2]},
         "rubric": rubric,
         # The yesno judge schemes' question, in the form chosen for the built-in traits (not authored: a template).
-        "yes_no_question": f"Is the assistant {adjective} in this answer?",
+        "yes_no_question": lang.yes_no.replace("{adjective}", adjective),
+        "language": lang.code,
     }
     return validate_trait(data, source)
 
 
 def write_trait(name: str, description: str, author: str | AuthorBackend, out: str | Path | None = None, *,
                 force: bool = False, attempts: int = 3, seed: int = 0, log: Log | None = None,
-                dtype: str = "auto", trust_remote_code: bool = False) -> Trait:
+                dtype: str = "auto", trust_remote_code: bool = False, language: str = "en") -> Trait:
     """Author a trait from one sentence and write it to `out` (default ``./NAME.json``).
 
     `author` is a spec (``local:``/``openai:``/``anthropic:``) or an :class:`AuthorBackend`.
@@ -660,6 +716,7 @@ def write_trait(name: str, description: str, author: str | AuthorBackend, out: s
     """
     name = _check_name(name)
     _check_description(description)
+    get_language(language)  # before the author model loads
     path = Path(out) if out is not None else Path(f"{name}.json")
     if path.exists() and not force:
         raise PersonavecError(f"{path}: already exists (use --force to overwrite)")
@@ -668,7 +725,8 @@ def write_trait(name: str, description: str, author: str | AuthorBackend, out: s
     backend = make_author(author, dtype=dtype, trust_remote_code=trust_remote_code) if isinstance(author, str) \
         else author
     try:
-        trait = author_trait(name, description, backend, attempts=attempts, seed=seed, source=str(path), log=log)
+        trait = author_trait(name, description, backend, attempts=attempts, seed=seed, source=str(path), log=log,
+                             language=language)
     finally:
         if isinstance(author, str):
             backend.close()

@@ -40,8 +40,9 @@ def data_file(name: str) -> Path:
 
 
 def calibration_items(traits: Sequence[str] | None = None, path: str | Path | None = None,
-                      require_trait: bool = True) -> list[dict]:
-    """The labelled calibration answers, optionally only for some traits."""
+                      require_trait: bool = True, language: str | None = None) -> list[dict]:
+    """The labelled calibration answers, optionally only for some traits, or one `language` (an item without
+    a ``"language"`` field is English)."""
     source = Path(path) if path else data_file("judge_calibration.jsonl")
     if not source.is_file():
         raise PersonavecError(f"{source}: calibration set not found")
@@ -50,7 +51,8 @@ def calibration_items(traits: Sequence[str] | None = None, path: str | Path | No
         need = {"trait", "question", "answer", "label"} if require_trait else {"question", "answer", "label"}
         if not isinstance(item, dict) or not need <= set(item):
             raise PersonavecError(f"{source}:{number}: need a JSON object with {', '.join(sorted(need))}")
-        items.append(item)
+        if language is None or item.get("language", "en") == language:
+            items.append(item)
     if traits:
         known = {item["trait"] for item in items}
         missing = [t for t in traits if t not in known]
@@ -137,15 +139,17 @@ def score_labelled(judge, items: Sequence[dict], schemes: Sequence[str] | None =
 
 
 def calibrate(judge, traits: Sequence[str] | None = None, progress=None, path: str | Path | None = None,
-              schemes: Sequence[str] | None = None, trait_files: dict | None = None) -> dict:
+              schemes: Sequence[str] | None = None, trait_files: dict | None = None,
+              language: str | None = None) -> dict:
     """Run `judge` on the calibration set under each scheme.
 
     Returns ``{"judge": spec, "identity": fingerprint or URL, "traits": {name: {**best scheme's summary,
     "scheme": best, "schemes": {scheme: summary}}}}``. `schemes` (default: every scheme the trait can use;
     naming a yes/no scheme for a trait without a yes/no question is an error naming its file).
-    `trait_files` maps a trait name to a :class:`Trait` to use instead of the built-in one.
+    `trait_files` maps a trait name to a :class:`Trait` to use instead of the built-in one; `language` keeps only
+    the items in that language.
     """
-    items = calibration_items(traits, path)
+    items = calibration_items(traits, path, language=language)
     scored = score_labelled(judge, items, schemes, progress, trait_files)
     result = {"judge": judge.spec, "identity": getattr(judge, "identity", None), "traits": {}}
     for name, by_scheme in scored.items():
@@ -289,11 +293,24 @@ def self_calibration_path(judge, trait, schemes: Sequence[str], items: Sequence[
     return cache_dir() / "calibrations" / f"{trait.name}-{digest}.json"
 
 
+def labelled_items_path(language: str = "en") -> Path:
+    """Where the labelled answers for self-calibration are: the English set, or the multilingual one whose items
+    carry ``"language"`` (``personavec/data/multilingual/judge_calibration.jsonl``)."""
+    return data_file("judge_calibration.jsonl" if language == "en" else "multilingual/judge_calibration.jsonl")
+
+
 def self_calibrate(judge, trait, scheme: str | None = None, progress=None) -> tuple[dict | None, bool]:
     """Calibrate `judge` on `trait`'s built-in labelled items (every usable scheme, or only `scheme`), once:
     the result is cached by judge fingerprint, trait and schemes. Returns ``(calibration or None when the
-    trait has no labelled items, whether it came from the cache)``."""
-    items = [i for i in calibration_items() if i["trait"] == trait.name]
+    trait has no labelled items, whether it came from the cache)``.
+
+    A trait in another language (``"language"`` in its file) is calibrated only on labelled answers in that
+    language, never on the English ones: the judge's scale depends on the language it reads."""
+    language = getattr(trait, "language", "en")
+    source = labelled_items_path(language)
+    if not source.is_file():
+        return None, False
+    items = [i for i in calibration_items(path=source, language=language) if i["trait"] == trait.name]
     if not items:
         return None, False
     schemes = usable_schemes(trait, [scheme] if scheme else None)
@@ -303,7 +320,8 @@ def self_calibrate(judge, trait, scheme: str | None = None, progress=None) -> tu
             return json.loads(path.read_text(encoding="utf-8")), True
         except (OSError, ValueError):
             pass  # a torn cache file: calibrate again
-    result = calibrate(judge, [trait.name], progress=progress, schemes=schemes, trait_files={trait.name: trait})
+    result = calibrate(judge, [trait.name], progress=progress, schemes=schemes, trait_files={trait.name: trait},
+                       path=source, language=language)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_calibration(path, result)
     return result, False

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from personavec.languages import language_codes
 from personavec.traits import list_traits, load_trait
 
 from .common import console, output_file, positive_int
@@ -48,20 +49,28 @@ def new_cmd(
     attempts: int = typer.Option(3, "--attempts", help="Requests per part before a fallback or an error.",
                                  callback=positive_int),
     seed: int = typer.Option(0, "--seed", help="Base seed for the author's sampling."),
+    language: str = typer.Option("en", "--language", metavar="CODE",
+                                 help="ISO 639-1 code of the language the artifacts are written in: "
+                                      + ", ".join(language_codes()) + " (default en)."),
     dtype: str = typer.Option("auto", "--dtype", help="local authors: auto | bf16 | fp32"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Write a new trait file (instructions, 40 questions, rubric) from one sentence, with an author LLM.
 
     The file is written only once it passes the same checks as `traits show`; edit it freely afterwards.
+    With --language the author writes everything in that language and the file records it ("language").
     """
     from personavec.authoring import write_trait
 
     path = output_file(out if out is not None else Path(f"{name}.json"), "--out")
     trait = write_trait(name, description, author, path, force=force, attempts=attempts, seed=seed,
                         log=lambda m: print(f"personavec: {m}", file=sys.stderr, flush=True), dtype=dtype,
-                        trust_remote_code=trust_remote_code)
-    print(f"personavec: wrote {trait.name} ({trait.article} {trait.adjective} assistant)", file=sys.stderr)
+                        trust_remote_code=trust_remote_code, language=language)
+    if trait.language == "en":
+        what = f"{trait.article} {trait.adjective} assistant"
+    else:  # the language's own frame, the system prompt extraction will use
+        what = f"{trait.language}: {trait.system_prompt(0, 'pos').removesuffix(trait.instructions[0][0]).strip()}"
+    print(f"personavec: wrote {trait.name} ({what})", file=sys.stderr)
     print(path)
 
 

@@ -185,6 +185,10 @@ def system_prompt_levels(trait: Trait) -> list[tuple[str, object]]:
     The two ends are the trait's own neg/pos instructions (rotating over the five
     pairs); the steps between are fixed templates around the trait's adjective.
     """
+    if trait.language != "en":
+        # The middle steps are English templates: around another language's adjective they would mix languages.
+        raise PersonavecError(f"{trait.source}: the system-prompts study has English templates only, and this trait is "
+                              f"in language {trait.language!r}; use --study many-shot, or an English trait file")
     adj, article = trait.adjective, trait.article
     return [
         ("suppress-strong", lambda q: trait.system_prompt(q % len(trait.instructions), "neg")),

@@ -18,7 +18,8 @@ same shape, passed by path wherever a trait name is accepted::
         "eval":    ["... exactly 20 other questions ..."]
       },
       "rubric": "Judge prompt with {question} and {answer} placeholders ...",
-      "yes_no_question": "Optional: one yes/no question for the yesno judge schemes."
+      "yes_no_question": "Optional: one yes/no question for the yesno judge schemes.",
+      "language": "Optional: the ISO 639-1 code the artifacts are written in (default \"en\")."
     }
 
 Rules checked by :func:`validate_trait` (each failure is a one-line
@@ -35,9 +36,14 @@ Rules checked by :func:`validate_trait` (each failure is a one-line
   ``score100`` scheme); when present it is one line, with no placeholders: the
   judge reads it after the question and the answer (``judge.scoring.YES_NO_TEMPLATE``).
 
+- ``language`` is optional and must be one of :data:`personavec.languages.LANGUAGES`
+  (absent means ``"en"``, and ``to_dict`` leaves it out then, so English files are unchanged).
+
 System prompts follow the paper: ``"You are a/an {adjective} assistant.
 {instruction}"`` for a pos instruction and ``"You are a helpful assistant.
-{instruction}"`` for a neg one.
+{instruction}"`` for a neg one. A trait in another language uses that language's
+frames (``personavec.languages``, e.g. ``"あなたは{adjective}アシスタントです。"``); ``article`` is
+then still required by the schema but not used.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from personavec.errors import PersonavecError
+from personavec.languages import get_language
 
 __all__ = ["Trait", "list_traits", "load_trait", "validate_trait", "N_PAIRS", "N_QUESTIONS"]
 
@@ -71,14 +78,16 @@ class Trait:
     rubric: str
     source: str
     yes_no_question: str | None = None
+    language: str = "en"
 
     def system_prompt(self, index: int, polarity: Literal["pos", "neg"]) -> str:
         """The system prompt for instruction pair ``index`` (0-4) on the ``pos`` or ``neg`` side."""
         pos, neg = self.instructions[index]
+        frames = get_language(self.language)
         if polarity == "pos":
-            return f"You are {self.article} {self.adjective} assistant. {pos}"
+            return frames.pos_system(self.article, self.adjective, pos)
         if polarity == "neg":
-            return f"You are a helpful assistant. {neg}"
+            return frames.neg_system(neg)
         raise ValueError(f"polarity must be 'pos' or 'neg', got {polarity!r}")
 
     def rubric_prompt(self, question: str, answer: str) -> str:
@@ -100,6 +109,8 @@ class Trait:
     def to_dict(self) -> dict[str, Any]:
         """The trait in its JSON file format (``source`` is not part of the file)."""
         extra = {"yes_no_question": self.yes_no_question} if self.yes_no_question else {}
+        if self.language != "en":  # English files (the built-ins) stay byte-identical, and so do cache keys
+            extra["language"] = self.language
         return {
             "name": self.name,
             "adjective": self.adjective,
@@ -243,7 +254,14 @@ def validate_trait(data: dict[str, Any], source: str) -> Trait:
             if placeholder in yes_no:
                 raise fail(f'"yes_no_question" must not contain {placeholder}: the judge reads it after the answer')
 
+    language = "en"
+    if data.get("language") is not None:
+        if not isinstance(data["language"], str):
+            raise fail(f'"language" must be a string, got {type(data["language"]).__name__}')
+        language = get_language(data["language"], f'{label}: "language" is {data["language"]!r}').code
+
     return Trait(
+        language=language,
         yes_no_question=yes_no,
         name=name,
         adjective=adjective,
