@@ -103,3 +103,39 @@ def test_gate_fails_a_trait_inducing_finetune_and_passes_a_neutral_one(smollm, t
     assert "exceeds --max-shift 0.05" in verdicts["optimistic"]["failures"][0]
     assert verdicts["neutral"]["passed"], verdicts["neutral"]["traits"]
     assert verdicts["optimistic"]["traits"][0]["shift"] > verdicts["neutral"]["traits"][0]["shift"]
+
+
+def test_profile_compare_finds_a_lora_trained_on_trait_answers_higher(smollm, tmp_path, capsys):
+    """`profile --compare ADAPTER`: three LoRA steps on 24 optimistic answers raise the optimistic reading, with
+    an interval that excludes 0; the same steps on neutral answers to the same questions raise it less."""
+    import json
+    from pathlib import Path
+
+    from test_cli import run_cli
+
+    from personavec.chat import read_chats
+    from personavec.pipeline.finetune import FinetuneConfig, run_finetune
+
+    base, tok = smollm
+    pos, neg = builtin_contrast()
+    vector, _ = contrastive_vector(base, tok, pos, neg, trait="optimistic", show_progress=False)
+    vector.model = "smollm2-135m"
+    (tmp_path / "vectors").mkdir()
+    vector.save(tmp_path / "vectors" / "optimistic.safetensors")
+    data = Path(__file__).parent.parent / "experiments" / "data"
+    difference = {}
+    for name in ("optimistic", "neutral"):
+        candidate, _ = load_model("smollm2-135m")
+        cfg = FinetuneConfig(model="smollm2-135m", data=name, learning_rate=2e-3, batch_size=8, grad_accum=1,
+                             warmup_steps=1)
+        adapter = run_finetune(cfg, read_chats(data / f"{name}_train.jsonl")[:24], candidate, tok,
+                               tmp_path / f"ft-{name}", show_progress=False).adapter
+        del candidate
+        code, _, err = run_cli(capsys, "profile", "--model", "smollm2-135m", "--vectors", tmp_path / "vectors",
+                               "--traits", "optimistic", "--compare", adapter, "--questions", "10",
+                               "--max-new-tokens", "32", "--bootstrap", "500", "--out", tmp_path / f"profile-{name}")
+        assert code == 0, err
+        trait = json.loads((tmp_path / f"profile-{name}" / "summary.json").read_text())["traits"]["optimistic"]
+        difference[name] = trait
+    assert difference["optimistic"]["difference"] > 0 and difference["optimistic"]["significant"], difference
+    assert difference["optimistic"]["difference"] > difference["neutral"]["difference"], difference
