@@ -134,14 +134,14 @@ def test_ray_screen_equals_one_process(ray_cluster, setup, tmp_path, capsys, man
     from personavec.pipeline.screen import BaseAnswerCache
 
     assert len(many_pieces._pieces(ChatInput.open(setup[2]))) >= 5  # check tasks cut mid-line
-    screen(capsys, setup, tmp_path / "plain.jsonl", "--labels", "y", "--drop-top", "0.3")
+    screen(capsys, setup, tmp_path / "plain.jsonl", "--labels", "y", "--drop-top", "0.3", "--by", "w")
     no_driver_reads()
     cached = len(BaseAnswerCache(tmp_path / "cache" / "base_answers.sqlite"))
     (tmp_path / "cache" / "base_answers.sqlite").unlink()  # the Ray run generates (and caches) its own
     for suffix in ("-wal", "-shm"):
         (tmp_path / "cache" / f"base_answers.sqlite{suffix}").unlink(missing_ok=True)
-    err = screen(capsys, setup, tmp_path / "ray.jsonl", "--labels", "y", "--drop-top", "0.3", "--ray", "--workers", "2",
-                 "--cpus-per-worker", "1", "--shard-size", "3")
+    err = screen(capsys, setup, tmp_path / "ray.jsonl", "--labels", "y", "--drop-top", "0.3", "--by", "w", "--ray",
+                 "--workers", "2", "--cpus-per-worker", "1", "--shard-size", "3")
     assert "shard 4/4 done" in err
     same_rows(lines(tmp_path / "ray.jsonl"), lines(tmp_path / "plain.jsonl"))
     assert [r["row"] for r in lines(tmp_path / "ray.jsonl")] == list(range(11))
@@ -150,6 +150,11 @@ def test_ray_screen_equals_one_process(ray_cluster, setup, tmp_path, capsys, man
     assert ray_s["auroc"] == pytest.approx(plain["auroc"], abs=1e-6)
     assert [t["line"] for t in ray_s["top"]] == [t["line"] for t in plain["top"]]
     assert ray_s["filtered"]["kept"] == plain["filtered"]["kept"]
+    # --by w: the breakdown from the values the check pass read (1 and 0.5 are two groups)
+    assert [(g["value"], g["count"]) for g in ray_s["by"]["groups"]] == \
+        [(g["value"], g["count"]) for g in plain["by"]["groups"]] == [(0.5, 8), (1, 3)]
+    assert [g["mean"] for g in ray_s["by"]["groups"]] == pytest.approx([g["mean"] for g in plain["by"]["groups"]],
+                                                                        abs=1e-4)
     assert (tmp_path / "ray_run" / "base_answers.jsonl").read_text() == \
         (tmp_path / "plain_run" / "base_answers.jsonl").read_text()
     assert not (tmp_path / "ray_run" / "shards").exists()
@@ -221,6 +226,9 @@ def test_bad_rows_get_the_one_line_error_of_one_process(ray_cluster, setup, tmp_
     bad = tmp_path / "bad.jsonl"
     bad.write_text(jsonl_text(rows), encoding="utf-8")  # a blank line after the 5th row
     assert same_error("screen", bad, "--labels", "y", "--approx") == f'{bad}:11: missing "messages"'
+    # worded by the workers as the command words it (flags, not parameters)
+    assert same_error("screen", tmp_path / "data.jsonl", "--by", "extra", "--approx") == \
+        f"--by extra: {tmp_path / 'data.jsonl'}:2 has no field 'extra'"
     rows = [{**r, "judge": {"score": i}} for i, r in enumerate(DATA)]
     rows[8]["judge"]["score"] = None
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet", row_group_size=3)

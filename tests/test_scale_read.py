@@ -10,7 +10,7 @@ import pytest
 
 from conftest import CHATS
 from personavec.chat import read_chats
-from personavec.errors import PersonavecError
+from personavec.errors import PersonavecError, cli_style
 
 pa = pytest.importorskip("pyarrow", reason="Parquet needs pyarrow: pip install 'personavec[ray]'")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -125,6 +125,25 @@ def test_check_pass_errors_are_the_errors_of_read_chats(tmp_path, fine, kind):
         check_input(None, ChatInput.open(path), 4, require_response=True, stages=[("labels", "y")])
     assert str(ray_path.value) == str(one.value) and "\0" not in str(one.value)
     assert str(one.value).startswith(f"{path}:")
+
+
+def test_by_keys_and_their_errors_are_group_keys(tmp_path, fine):
+    """`--by FIELD`: the values come back from the check pass, and a line without the field is group_keys' error
+    (naming the line inside the message, counted across pieces)."""
+    from personavec.breakdown import group_keys
+    from personavec.pipeline.scale_read import ChatInput, check_input
+
+    path = write(tmp_path, "jsonl", ROWS)
+    records = read_chats(path)
+    inp = check_input(None, ChatInput.open(path), 4, stages=[("scores", "w"), ("by", "y")])
+    assert inp.values["by"] == group_keys(records, "y") == [r["y"] for r in ROWS]
+    assert inp.values["scores"] == [float(r["w"]) for r in ROWS]
+    for field in ("extra", "meta"):  # missing on line 2; an object on line 1
+        with cli_style(), pytest.raises(PersonavecError) as one:
+            group_keys(records, field)
+        with cli_style(), pytest.raises(PersonavecError) as ray_path:
+            check_input(None, ChatInput.open(path), 4, stages=[("by", field)])
+        assert str(ray_path.value) == str(one.value) and str(one.value).startswith(f"--by {field}: {path}:")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hf"])

@@ -43,7 +43,7 @@ from typing import Iterator
 from ..atomic import atomic_write
 from ..chat import ChatRecord
 from ..datasets_io import need
-from ..errors import PersonavecError
+from ..errors import PersonavecError, current_style, error_style
 from .scale_read import ChatInput, ShardedRecords, check_input, decode_shard, shard_dataset
 
 CRASH_ENV = "PERSONAVEC_RAY_TEST_CRASH"  # tests only: a marker file path; the first actor to see it absent dies
@@ -108,8 +108,9 @@ class ShardScorer:
         shards, results, errors = [], [], []
         for shard, first, data in zip(batch["shard"], batch["first"], batch["data"]):
             try:
-                records = decode_shard(self.task["input"], int(first), data)
-                results.append(json.dumps(self.score(records)))
+                with error_style(self.task.get("style", "library")):  # worded as the command on the driver words it
+                    records = decode_shard(self.task["input"], int(first), data)
+                    results.append(json.dumps(self.score(records)))
                 errors.append("")
             except PersonavecError as exc:  # the user's to fix: sent back as it is, never retried
                 results.append("[]")
@@ -179,7 +180,7 @@ class ShardStore:
 def job_key(task: dict, vector, inp: ChatInput) -> str:
     """What the shards depend on: the task (model, engine, settings), the vector's values and the input file (its
     path, size and modification time, and the rows found in it), not where the base-answer cache lives."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in task.items() if k != "cache"}, sort_keys=True,
+    h = hashlib.sha256(json.dumps({k: v for k, v in task.items() if k not in ("cache", "style")}, sort_keys=True,
                                   default=str).encode())
     h.update(vector.vectors.numpy().tobytes())
     h.update(json.dumps([inp.identity, inp.n, inp.spans]).encode())
@@ -244,7 +245,7 @@ def score_with_ray(kind: str, inp: ChatInput, vector, task: dict, run_path: Path
     (the base-answer SQLite file). `on_shard(shard)` is called after each shard is saved (progress; tests).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    task = {**task, "kind": kind, "input": inp.where}
+    task = {**task, "kind": kind, "input": inp.where, "style": current_style()}
     store = ShardStore(run_path, job_key(task, vector, inp), inp)
     done = {k for k in range(store.count) if store.load(k) is not None}
     todo = [k for k in range(store.count) if k not in done]

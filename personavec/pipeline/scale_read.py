@@ -32,7 +32,7 @@ from pathlib import Path
 from ..chat import (ChatRecord, chat_record, check_readable_file, check_response, check_screen_answer, label_value,
                     numeric_field, parse_jsonl_line)
 from ..datasets_io import TableReader, chat_format, jsonl_lines, table_rows
-from ..errors import PersonavecError
+from ..errors import PersonavecError, current_style, error_style
 
 PIECE_BYTES = 16 << 20  # JSONL bytes per check task
 PIECE_ROWS = 20_000  # table rows per check task (Parquet: at least one row group)
@@ -129,8 +129,15 @@ def _pieces(inp: ChatInput) -> list[tuple[int, int]]:
     return pieces
 
 
-def _check_piece(where: dict, piece: int, start: int, stop: int, require_response: bool, stages: list):
-    """One check task: `{piece, lines, offsets, line_of, errors, values}` as a one-row block."""
+def _check_piece(where: dict, piece: int, start: int, stop: int, require_response: bool, stages: list,
+                 style: str = "library"):
+    """One check task: `{piece, lines, offsets, line_of, errors, values}` as a one-row block; errors worded in the
+    driver's `style` (flags under the CLI)."""
+    with error_style(style):
+        yield _check_rows(where, piece, start, stop, require_response, stages)
+
+
+def _check_rows(where: dict, piece: int, start: int, stop: int, require_response: bool, stages: list):
     import numpy as np
     import pyarrow as pa
 
@@ -181,7 +188,7 @@ def _check_piece(where: dict, piece: int, start: int, stop: int, require_respons
         errors.setdefault(0, (0, str(exc)))
     except OSError as exc:
         errors.setdefault(0, (0, f"{where['path']}: cannot read it ({exc.strerror})"))
-    yield pa.Table.from_pylist([{
+    return pa.Table.from_pylist([{
         "piece": piece, "lines": lines,
         "offsets": np.asarray(offsets, dtype=np.int64).tobytes(), "line_of": np.asarray(line_of, np.int64).tobytes(),
         "errors": json.dumps({str(k): v for k, v in errors.items()}),
@@ -196,7 +203,7 @@ def check_input(ray, inp: ChatInput, shard_size: int, require_response: bool = F
 
     stages = list(stages or [])
     pieces = _pieces(inp)
-    fns = [functools.partial(_check_piece, inp.where, p, a, b, require_response, stages)
+    fns = [functools.partial(_check_piece, inp.where, p, a, b, require_response, stages, current_style())
            for p, (a, b) in enumerate(pieces)]
     rows = sorted(_run(ray, fns, "ChatCheck"), key=lambda r: r["piece"])
     # where each piece's rows start: JSONL counts lines, a table piece knows its first row
