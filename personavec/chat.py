@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .atomic import atomic_write
-from .errors import PersonavecError
+from .errors import PersonavecError, arg
 
 ROLES = ("system", "user", "assistant")
 
@@ -104,24 +104,44 @@ def read_text(path: str | Path) -> str:
     return text.removeprefix("\ufeff")
 
 
+def parse_jsonl_line(raw: bytes, path, number) -> dict | None:
+    """One line of a chat JSONL file as an object, None when blank; bad bytes, bad JSON or a non-object are a
+    one-line error naming `path:number` (line 1 may start with a byte-order mark)."""
+    line = utf8_line(raw, f"{path}:{number}")
+    if number == 1:
+        line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PersonavecError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise PersonavecError(f"{path}:{number}: each line must be a JSON object")
+    return obj
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield `(line_number, object)`; blank lines are skipped; bad JSON or bytes that are not UTF-8 are a one-line
     error naming the line."""
     path = check_readable_file(path)
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            line = utf8_line(raw, f"{path}:{number}")
-            if number == 1:
-                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PersonavecError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise PersonavecError(f"{path}:{number}: each line must be a JSON object")
-            yield number, obj
+            obj = parse_jsonl_line(raw, path, number)
+            if obj is not None:
+                yield number, obj
+
+
+def chat_record(obj: dict, where: str, require_response: bool = False) -> ChatRecord:
+    """A row of a chat file (a JSONL object or a table row) as a ChatRecord; a bad one is a one-line error naming
+    `where`."""
+    if "messages" not in obj:
+        raise PersonavecError(f"{where}: missing \"messages\"")
+    messages = _validate_messages(obj["messages"], where)
+    record = ChatRecord(messages=messages, fields={k: v for k, v in obj.items() if k != "messages"}, where=where)
+    if require_response and not record.has_response:
+        raise PersonavecError(f"{where}: the chat has no final assistant message (needed here as the response)")
+    return record
 
 
 def read_chats(path: str | Path, require_response: bool = False) -> list[ChatRecord]:
@@ -139,13 +159,7 @@ def read_chats(path: str | Path, require_response: bool = False) -> list[ChatRec
         records.format = chat_format(path)
         rows = iter_rows(path, records)
     for where, obj in rows:
-        if "messages" not in obj:
-            raise PersonavecError(f"{where}: missing \"messages\"")
-        messages = _validate_messages(obj["messages"], where)
-        record = ChatRecord(messages=messages, fields={k: v for k, v in obj.items() if k != "messages"}, where=where)
-        if require_response and not record.has_response:
-            raise PersonavecError(f"{where}: the chat has no final assistant message (needed here as the response)")
-        records.append(record)
+        records.append(chat_record(obj, where, require_response))
     if not records:
         raise PersonavecError(f"{path}: no chats in the file")
     return records
@@ -154,11 +168,44 @@ def read_chats(path: str | Path, require_response: bool = False) -> list[ChatRec
 def check_responses(records: list[ChatRecord], why: str = "the answer is averaged over its tokens") -> None:
     """Every chat must end with a non-empty assistant message; else a one-line error naming its file and line."""
     for record in records:
-        if not record.has_response:
-            raise PersonavecError(f"{record.where}: the chat has no final assistant message ({why})")
-        if not record.response.strip():
-            raise PersonavecError(f"{record.where}: the final assistant message is empty ({why}, so it needs at "
-                                  "least one token)")
+        check_response(record, why)
+
+
+def check_response(record: ChatRecord, why: str = "the answer is averaged over its tokens") -> None:
+    """`check_responses` of one chat."""
+    if not record.has_response:
+        raise PersonavecError(f"{record.where}: the chat has no final assistant message ({why})")
+    if not record.response.strip():
+        raise PersonavecError(f"{record.where}: the final assistant message is empty ({why}, so it needs at "
+                              "least one token)")
+
+
+# -- checks of one chat that commands make before a model runs (here, light: Ray's check tasks import no model code)
+
+def check_screen_answer(record: ChatRecord) -> None:
+    """An answer screen can score (after `read_chats(require_response=True)`): not empty."""
+    if not record.response.strip():
+        raise PersonavecError(f"{record.where}: the assistant answer is empty; screen needs at least one token")
+
+
+def label_value(record: ChatRecord, name: str) -> int:
+    """`screen --labels NAME`: the chat's 0/1 label."""
+    value = record.fields.get(name)
+    if value not in (0, 1):
+        raise PersonavecError(f"{record.where}: label field {name!r} is {value!r}; it must be 0 or 1")
+    return int(value)
+
+
+def numeric_field(record: ChatRecord, path: str) -> float:
+    """The number at a dotted field path (`judge.score`) of a chat line; a one-line error naming the line otherwise."""
+    value = record.fields
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise PersonavecError(f"{record.where}: no field {path!r} (needed by {arg('scores')})")
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PersonavecError(f"{record.where}: field {path!r} is {value!r}, not a number")
+    return float(value)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

@@ -38,3 +38,18 @@ def cli_style():
         yield
     finally:
         _STYLE.reset(token)
+
+
+def current_style() -> str:
+    """`"cli"` or `"library"`: what a worker process (Ray) must use to word its errors as the command here would."""
+    return _STYLE.get()
+
+
+@contextmanager
+def error_style(style: str):
+    """Word errors in `style` (see `current_style`) for the duration."""
+    token = _STYLE.set(style)
+    try:
+        yield
+    finally:
+        _STYLE.reset(token)

@@ -135,38 +135,40 @@ def monitor_cmd(
     if input_path is None or output is None:
         raise PersonavecError("monitor needs --input and --output (or --study)")
     from ..breakdown import group_keys
-    from ..chat import check_responses, read_chats
+    from ..chat import check_responses, numeric_field, read_chats
     from ..datasets_io import write_chats
-    from ..pipeline.monitor import monitor_chats, monitor_rows, monitor_summary, numeric_field, write_monitor_report
+    from ..pipeline.monitor import monitor_chats, monitor_summary, write_monitor_report
     from ..runs import RunDir
 
     chat_output(output, "--output")
     run_folder(_record_dir(output, out), "--out")
     vector, vector_path = command_vector(vector_path, trait_name, model)
-    records = read_chats(input_path)
-    if position == "response_avg":  # before the model is loaded and the run folder written
-        check_responses(records, "--position response_avg averages the answer's tokens")
-    score_values = [numeric_field(r, scores) for r in records] if scores else None
-    keys = group_keys(records, by) if by else None  # a line without the field is refused before the model loads
+
+    def run_config(layer: int) -> dict:
+        return {"command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
+                "layer": layer, "position": position, "threshold": threshold, "scores": scores, "by": by,
+                **({"ray": asdict(rc)} if rc else {})}
+
     if rc is None:
+        records = read_chats(input_path)
+        if position == "response_avg":  # before the model is loaded and the run folder written
+            check_responses(records, "--position response_avg averages the answer's tokens")
+        score_values = [numeric_field(r, scores) for r in records] if scores else None
+        keys = group_keys(records, by) if by else None  # a line without the field is refused before the model loads
         lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
         layer = vector_layer(vector, lm, layer)
-    else:  # the actors load the model (and check the vector against it)
-        layer = vector.check_layer(layer)
-    # The run folder is locked from here until the command ends: a second monitor into it is refused, so the
-    # output and the run folder always come from one run.
-    run = RunDir.replace(_record_dir(output, out), {
-        "command": "monitor", "model": model, "vector": str(vector_path), "input": str(input_path),
-        "layer": layer, "position": position, "threshold": threshold, "scores": scores, "by": by,
-        **({"ray": asdict(rc)} if rc else {})})
-    if rc is None:
+        # The run folder is locked from here until the command ends: a second monitor into it is refused, so the
+        # output and the run folder always come from one run.
+        run = RunDir.replace(_record_dir(output, out), run_config(layer))
         rows = monitor_chats(lm, tokenizer, records, vector, layer, position, threshold, batch_size, max_length)
-    else:
-        from ..pipeline.scale import ray_monitor_personas
+    else:  # Ray Data reads and checks the input; the actors load the model (and check the vector against it)
+        from ..pipeline.scale import ray_monitor
 
-        rows = monitor_rows(records, ray_monitor_personas(records, vector, model, layer, position, threshold,
-                                                          batch_size, max_length, engine, dtype,
-                                                          tensor_parallel_size, run.path, rc, log))
+        layer = vector.check_layer(layer)
+        rows, score_values, keys, run, store = ray_monitor(
+            input_path, vector, model, layer, position, threshold, batch_size, max_length, engine, dtype,
+            tensor_parallel_size, _record_dir(output, out), run_config(layer), scores, by, rc, log)
+        records = rows.records
     write_chats(output, rows, like=records)
     summary = monitor_summary(rows, top_k, threshold, score_values, by, keys, scores)
     summary.update(trait=vector.trait, layer=rows[0]["persona"]["layer"], output=str(output))
@@ -184,9 +186,7 @@ def monitor_cmd(
     if by:
         print_breakdown(summary["by"], f"projection at layer {summary['layer']} by {by}")
     if rc is not None:
-        from ..pipeline.scale import clear_shards
-
-        clear_shards(run.path)
+        store.clear()
     print(f"wrote {output}\nreport: {run.file('report.html')}")
 
 
@@ -280,30 +280,28 @@ def screen_cmd(
         chat_output(kept_path(output), "--output")
     run_folder(_record_dir(output, out), "--out")
     vector, vector_path = command_vector(vector_path, trait_name, model)
-    records = read_chats(data, require_response=True)
-    if by:
-        from ..breakdown import group_keys
-
-        group_keys(records, by)  # a line without the field is refused before the model loads
-    if labels:
-        from ..pipeline.screen import read_labels
-
-        read_labels(records, labels)  # likewise a line without a 0/1 label
     cfg = ScreenConfig(model=model, vector=str(vector_path), data=str(data), layer=layer, approx=approx,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
     if rc is None:
+        records = read_chats(data, require_response=True)
+        if by:
+            from ..breakdown import group_keys
+
+            group_keys(records, by)  # a line without the field is refused before the model loads
+        if labels:
+            from ..pipeline.screen import read_labels
+
+            read_labels(records, labels)  # likewise a line without a 0/1 label
         lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
         s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
                        keep_below, top_k, by=by)
-    else:  # the actors load the model; everything after the scores is the single-process path
-        from ..pipeline.scale import clear_shards, ray_screen_scorer, ray_task
+    else:  # Ray Data reads and checks the input and the actors load the model; after the scores it is run_screen's
+        from ..pipeline.scale import ray_screen, ray_task
         from ..pipeline.screen import BaseAnswerCache
 
         task = ray_task(model, engine, dtype, tensor_parallel_size, cfg, str(BaseAnswerCache.default_path()))
-        s = run_screen(cfg, records, vector, None, None, output, _record_dir(output, out), labels, drop_top,
-                       keep_below, top_k, scorer=ray_screen_scorer(cfg, vector, task, rc, log),
-                       extra_config={"ray": asdict(rc)}, by=by)
-        clear_shards(_record_dir(output, out))
+        s = ray_screen(cfg, vector, task, rc, output, _record_dir(output, out), labels, drop_top, keep_below, top_k,
+                       log, by=by)
     for name, dist in s["distribution"].items():
         _print_distribution(f"{name} at layer {s['layer']}", dist)
     log(f"dataset mean {s['rank_by']}: {_fmt(s['mean'][s['rank_by']])}")

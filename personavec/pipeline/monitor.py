@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..breakdown import group_by, group_keys, report_section
 from ..chat import ChatRecord, check_responses, user_chat, write_jsonl
+from ..chat import numeric_field  # noqa: F401  (re-exported: it was defined here)
 from ..errors import PersonavecError, arg
 from ..report import figure_html, number, table_html, write_report
 from ..runs import RunDir, config_dict
@@ -28,18 +29,6 @@ from .extract import generate_missing, judge_rows
 from .project import distribution, project_chats
 
 MONITOR_POSITIONS = ("prompt_last", "prompt_avg", "response_avg")
-
-
-def numeric_field(record: ChatRecord, path: str) -> float:
-    """The number at a dotted field path (`judge.score`) of a chat line; a one-line error naming the line otherwise."""
-    value = record.fields
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise PersonavecError(f"{record.where}: no field {path!r} (needed by {arg('scores')})")
-        value = value[part]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PersonavecError(f"{record.where}: field {path!r} is {value!r}, not a number")
-    return float(value)
 
 
 def monitor_chats(model, tokenizer, records: list[ChatRecord], vector: PersonaVector, layer: int | None = None,
@@ -99,12 +88,20 @@ def _snippet(row: dict, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _personas(rows) -> list[dict]:
+    """Each row's `persona`. A lazy view of the rows (the Ray path's, which streams the chats from the input file)
+    hands over the personas it holds, so the summary and report do not read the chats again."""
+    held = getattr(rows, "personas", None)
+    return held if held is not None else [r["persona"] for r in rows]
+
+
 def monitor_summary(rows: list[dict], top_k: int = 10, threshold: float | None = None,
                     scores: list[float] | None = None, by: str | None = None, keys: list | None = None,
                     scores_field: str | None = None) -> dict:
     """The distribution of the projections, the top lines, and with `scores` their correlation; with `by`, the
     breakdown by that field (`keys`: its value on each line, read from the input; default: from `rows`)."""
-    values = [math.nan if r["persona"]["projection"] is None else r["persona"]["projection"] for r in rows]
+    personas = _personas(rows)
+    values = [math.nan if p["projection"] is None else p["projection"] for p in personas]
     ranked = sorted((i for i, v in enumerate(values) if not math.isnan(v)), key=lambda i: -values[i])
     summary = {
         "n": len(rows), "skipped": sum(math.isnan(v) for v in values), "projection": distribution(values),
@@ -112,7 +109,7 @@ def monitor_summary(rows: list[dict], top_k: int = 10, threshold: float | None =
     }
     if threshold is not None:
         summary["threshold"] = threshold
-        summary["flagged"] = sum(bool(r["persona"].get("flagged")) for r in rows)
+        summary["flagged"] = sum(bool(p.get("flagged")) for p in personas)
     if scores is not None:
         pairs = [(v, s) for v, s in zip(values, scores) if not math.isnan(v)]
         summary["correlation"] = {"n": len(pairs), "pearson": pearson([p for p, _ in pairs], [s for _, s in pairs]),
@@ -127,13 +124,14 @@ def write_monitor_report(path: Path, title: str, rows: list[dict], summary: dict
                          scores_field: str | None, keys: list | None = None) -> None:
     import matplotlib.pyplot as plt
 
-    values = [r["persona"]["projection"] for r in rows if r["persona"]["projection"] is not None]
+    personas = _personas(rows)
+    values = [p["projection"] for p in personas if p["projection"] is not None]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.hist(values, bins=min(40, max(5, len(values) // 3)), color="tab:blue", alpha=0.8)
     if summary.get("threshold") is not None:
         ax.axvline(summary["threshold"], color="tab:red", ls="--", label=f"threshold {summary['threshold']:g}")
         ax.legend()
-    ax.set_xlabel(f"projection at layer {rows[0]['persona']['layer']}")
+    ax.set_xlabel(f"projection at layer {personas[0]['layer']}")
     ax.set_ylabel("chats")
     sections = [("Projection distribution", figure_html(fig, "histogram of projections")
                  + table_html(list(summary["projection"]), [list(summary["projection"].values())])),
@@ -141,7 +139,7 @@ def write_monitor_report(path: Path, title: str, rows: list[dict], summary: dict
                                                     [[t["line"], t["projection"], t["prompt"]] for t in summary["top"]]))]
     if scores is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
-        pairs = [(r["persona"]["projection"], s) for r, s in zip(rows, scores) if r["persona"]["projection"] is not None]
+        pairs = [(p["projection"], s) for p, s in zip(personas, scores) if p["projection"] is not None]
         ax.scatter([p for p, _ in pairs], [s for _, s in pairs], s=12, alpha=0.7)
         ax.set_xlabel("projection")
         ax.set_ylabel(scores_field)
@@ -149,7 +147,7 @@ def write_monitor_report(path: Path, title: str, rows: list[dict], summary: dict
         ax.set_title(f"Pearson r {number(c['pearson'])}, Spearman ρ {number(c['spearman'])}")
         sections.append((f"Projection vs {scores_field}", figure_html(fig, "scatter of projection against score")))
     if "by" in summary:
-        sections.insert(1, report_section(summary["by"], [r["persona"]["projection"] for r in rows],
+        sections.insert(1, report_section(summary["by"], [p["projection"] for p in personas],
                                           keys if keys is not None else group_keys(rows, summary["by"]["field"])))
     write_report(path, title, sections)
 

@@ -2,17 +2,19 @@
 
 How a job runs:
 
-1. The driver reads the chat file with the one reader every command uses (`chat.read_chats`: same one-line errors,
-   labels, summary) and cuts it into shards of `shard_size` consecutive chats.
-2. The shards that are not finished yet become a Ray Dataset (one block per shard), mapped with `map_batches` over
-   an actor pool: each actor loads the model (a backend: transformers or one vLLM engine) and the vector once, and
-   scores whole shards with the in-process code (`screen_records`, `monitor_personas`), so a score means exactly
-   what it means without Ray.
-3. As each shard comes back, the driver writes it atomically to `<run>/shards/part-00012.jsonl`. A killed job
-   rerun with the same inputs skips the finished shards (`shards/manifest.json` records what they belong to; a
-   different input or config clears them).
-4. When every shard is there, the scores are put back in input order and handed to the single-process path, which
-   writes the output, summary, ranking, filter and report. The shards are then removed.
+1. Ray Data reads and checks the input in Ray tasks (`scale_read.check_input`): every row parsed and checked as
+   `read_chats` and the command's own checks do; the first bad row is the same one-line error, raised on the driver
+   before any model loads. The rows are cut into shards of `shard_size` consecutive chats.
+2. The shards that are not finished yet are read by Ray Data read tasks (`scale_read.shard_dataset`, one dataset row
+   per shard) and mapped with `map_batches` over an actor pool: each actor loads the model (a backend:
+   transformers or one vLLM engine) and the vector once, and scores whole shards with the in-process code
+   (`screen_records`, `monitor_personas`), so a score means exactly what it means without Ray.
+3. As each shard comes back, the driver writes its scores atomically to `<run>/shards/part-00012.jsonl`. A killed
+   job rerun with the same inputs skips the finished shards (`shards/manifest.json` records what they belong to; a
+   different input, edited input or config clears them).
+4. When every shard is there, the driver streams the input once more, shard by shard, beside the scores into the
+   single-process code that writes the output, summary, ranking, filter and report. The shards are then removed.
+   The driver never holds the chats, only the scores and a few numbers per shard.
 
 Faults: Ray Data runs map actors with `max_restarts=-1` and `max_task_retries=-1`, so Ray restarts a worker that dies and runs its
 shard again; the shard is written once, when it comes back whole, so no line is lost or doubled. Errors of the
@@ -32,13 +34,17 @@ import os
 import shutil
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..atomic import atomic_write
 from ..chat import ChatRecord
 from ..datasets_io import need
-from ..errors import PersonavecError
+from ..errors import PersonavecError, current_style, error_style
+from .scale_read import ChatInput, ShardedRecords, check_input, decode_shard, shard_dataset
 
 CRASH_ENV = "PERSONAVEC_RAY_TEST_CRASH"  # tests only: a marker file path; the first actor to see it absent dies
 
@@ -100,11 +106,11 @@ class ShardScorer:
             Path(marker).write_text(str(os.getpid()))
             os._exit(1)  # a worker process dying mid-job, as a test wants it
         shards, results, errors = [], [], []
-        for shard, chats in zip(batch["shard"], batch["chats"]):
-            items = json.loads(chats)
-            records = [ChatRecord(messages=m, where=w) for w, m in items]
+        for shard, first, data in zip(batch["shard"], batch["first"], batch["data"]):
             try:
-                results.append(json.dumps(self.score(records)))
+                with error_style(self.task.get("style", "library")):  # worded as the command on the driver words it
+                    records = decode_shard(self.task["input"], int(first), data)
+                    results.append(json.dumps(self.score(records)))
                 errors.append("")
             except PersonavecError as exc:  # the user's to fix: sent back as it is, never retried
                 results.append("[]")
@@ -118,10 +124,10 @@ class ShardScorer:
 class ShardStore:
     """`<run>/shards/`: finished shards as `part-NNNNN.jsonl`, and the manifest saying which job they belong to."""
 
-    def __init__(self, run_path: Path, key: str, n: int, shard_size: int):
-        self.path, self.key, self.n, self.size = Path(run_path) / "shards", key, n, shard_size
+    def __init__(self, run_path: Path, key: str, inp: ChatInput):
+        self.path, self.key, self.inp = Path(run_path) / "shards", key, inp
         manifest = self.path / "manifest.json"
-        expected = {"key": key, "n": n, "shard_size": shard_size}
+        expected = {"key": key, "n": inp.n, "shard_size": inp.shard_size}
         if manifest.exists():
             try:
                 same = json.loads(manifest.read_text()) == expected
@@ -136,10 +142,7 @@ class ShardStore:
 
     @property
     def count(self) -> int:
-        return (self.n + self.size - 1) // self.size
-
-    def span(self, shard: int) -> range:
-        return range(shard * self.size, min(self.n, (shard + 1) * self.size))
+        return self.inp.count
 
     def file(self, shard: int) -> Path:
         return self.path / f"part-{shard:05d}.jsonl"
@@ -153,27 +156,34 @@ class ShardStore:
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         except (OSError, json.JSONDecodeError):
             return None
-        return rows if [r.get("i") for r in rows] == list(self.span(shard)) else None
+        return rows if [r.get("i") for r in rows] == list(self.inp.span(shard)) else None
 
     def save(self, shard: int, results: list[dict]) -> None:
-        span = self.span(shard)
+        span = self.inp.span(shard)
         if len(results) != len(span):
             raise PersonavecError(f"shard {shard}: {len(results)} results for {len(span)} chats")
         text = "".join(json.dumps({"i": i, **r}, ensure_ascii=False) + "\n" for i, r in zip(span, results))
         atomic_write(self.file(shard), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
+    def rows(self) -> Iterator[dict]:
+        """Every chat's result, in input order, read shard by shard."""
+        for k in range(self.count):
+            rows = self.load(k)
+            if rows is None:  # pragma: no cover - a shard store changed under the job
+                raise PersonavecError(f"{self.path}: shard {k} is missing; delete the folder and rerun")
+            yield from rows
+
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def job_key(task: dict, vector, records: list[ChatRecord]) -> str:
-    """What the shards depend on: the task (model, engine, settings), the vector's values and every chat (not where
-    the base-answer cache lives)."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in task.items() if k != "cache"}, sort_keys=True,
+def job_key(task: dict, vector, inp: ChatInput) -> str:
+    """What the shards depend on: the task (model, engine, settings), the vector's values and the input file (its
+    path, size and modification time, and the rows found in it), not where the base-answer cache lives."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in task.items() if k not in ("cache", "style")}, sort_keys=True,
                                   default=str).encode())
     h.update(vector.vectors.numpy().tobytes())
-    for record in records:
-        h.update(json.dumps(record.messages, ensure_ascii=False, sort_keys=True).encode())
+    h.update(json.dumps([inp.identity, inp.n, inp.spans]).encode())
     return h.hexdigest()
 
 
@@ -214,6 +224,11 @@ class RaySession:
             else:
                 ray.init(num_cpus=rc.workers * rc.threads(), num_gpus=None if rc.gpus_per_worker else 0, **kwargs)
             self.started = True
+        # Ray Data copies its context for every job, touching its own deprecated fields: not the user's to act on
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own line per shard is enough
         return self
 
     def __exit__(self, *exc):
@@ -221,62 +236,65 @@ class RaySession:
             self.ray.shutdown()
 
 
-def score_with_ray(kind: str, records: list[ChatRecord], vector, task: dict, run_path: Path, rc: RayConfig,
-                   log=None, on_shard=None) -> list[dict]:
-    """Per-chat results (`{"persona", ["answer"]}`) in input order, from a Ray actor pool; resumable by shard.
+def score_with_ray(kind: str, inp: ChatInput, vector, task: dict, run_path: Path, rc: RayConfig,
+                   log=None, on_shard=None) -> ShardStore:
+    """Score every chat of a checked input (`check_input`) on a Ray actor pool, resumably by shard; the store
+    holds every result (`{"i", "persona", ["answer"]}`) when it returns.
 
     `task`: `model`, `engine`, `dtype`, `tensor_parallel_size`, `cfg` (the scoring settings) and, for screen, `cache`
     (the base-answer SQLite file). `on_shard(shard)` is called after each shard is saved (progress; tests).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    task = {**task, "kind": kind}
-    store = ShardStore(run_path, job_key(task, vector, records), len(records), rc.shard_size)
-    done = {k: rows for k in range(store.count) if (rows := store.load(k)) is not None}
+    task = {**task, "kind": kind, "input": inp.where, "style": current_style()}
+    store = ShardStore(run_path, job_key(task, vector, inp), inp)
+    done = {k for k in range(store.count) if store.load(k) is not None}
     todo = [k for k in range(store.count) if k not in done]
     if done:
         log(f"resuming: {len(done)} of {store.count} shards are done, {len(todo)} to go")
-    if todo:
-        with RaySession(rc) as session:
-            ray = session.ray
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
-            logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own line per shard is enough
-            ctx.execution_options.preserve_order = True
-            items = [{"shard": k, "chats": json.dumps([(records[i].where, records[i].messages) for i in store.span(k)],
-                                                      ensure_ascii=False)} for k in todo]
-            ds = ray.data.from_items(items, override_num_blocks=len(items))
-            # one shard in flight per actor: a retried worker redoes one shard, and the last shards spread evenly
-            pool = ray.data.ActorPoolStrategy(size=min(rc.workers, len(todo)), max_tasks_in_flight_per_actor=1)
-            scored = ds.map_batches(
-                ShardScorer, batch_size=1, compute=pool, num_cpus=rc.threads(),
-                num_gpus=rc.gpus_per_worker or None,
-                fn_constructor_kwargs={"task": task, "vector": vector, "threads": rc.threads()})
-            # Ray Data creates these actors with max_restarts=-1 and max_task_retries=-1 (its defaults for map actors;
-            # passing them is deprecated since Ray 2.60): a dead worker is restarted and its shard runs again.
-            start, finished = time.perf_counter(), 0
-            try:
-                for row in scored.iter_rows():
-                    if row["error"]:
-                        raise PersonavecError(row["error"])
-                    shard = int(row["shard"])
-                    store.save(shard, json.loads(row["results"]))
-                    finished += len(store.span(shard))
-                    done[shard] = store.load(shard)
-                    rate = finished / max(time.perf_counter() - start, 1e-9)
-                    log(f"shard {shard + 1}/{store.count} done ({len(done)}/{store.count}, {rate:.1f} chats/s)")
-                    if on_shard is not None:
-                        on_shard(shard)
-            except PersonavecError:
-                raise
-            except Exception as exc:
-                mine = _personavec_error(exc)
-                if mine is not None:
-                    raise PersonavecError(str(mine)) from None
-                raise
-    results = [row for k in range(store.count) for row in done[k]]
-    if [r["i"] for r in results] != list(range(len(records))):  # pragma: no cover - a broken shard store
-        raise PersonavecError(f"{store.path}: the shards do not cover every chat once; delete the folder and rerun")
-    return results
+    if not todo:
+        return store
+    with RaySession(rc) as session:
+        ray = session.ray
+        # results name their shard, so the order they come back in does not matter: none is held back
+        ray.data.DataContext.get_current().execution_options.preserve_order = False
+        ds = shard_dataset(ray, inp, todo, concurrency=rc.workers)
+        # one shard in flight per actor: a retried worker redoes one shard, and the last shards spread evenly
+        pool = ray.data.ActorPoolStrategy(size=min(rc.workers, len(todo)), max_tasks_in_flight_per_actor=1)
+        scored = ds.map_batches(
+            ShardScorer, batch_size=1, compute=pool, num_cpus=rc.threads(), num_gpus=rc.gpus_per_worker or None,
+            fn_constructor_kwargs={"task": task, "vector": vector, "threads": rc.threads()})
+        # Ray Data creates these actors with max_restarts=-1 and max_task_retries=-1 (its defaults for map actors;
+        # passing them is deprecated since Ray 2.60): a dead worker is restarted and its shard runs again.
+        start, finished = time.perf_counter(), 0
+        with ray_errors():
+            for row in scored.iter_rows():
+                if row["error"]:
+                    raise PersonavecError(row["error"])
+                shard = int(row["shard"])
+                store.save(shard, json.loads(row["results"]))
+                finished += len(inp.span(shard))
+                done.add(shard)
+                rate = finished / max(time.perf_counter() - start, 1e-9)
+                log(f"shard {shard + 1}/{store.count} done ({len(done)}/{store.count}, {rate:.1f} chats/s)")
+                if on_shard is not None:
+                    on_shard(shard)
+    if len(done) != store.count:  # pragma: no cover - Ray Data lost a shard
+        raise PersonavecError(f"{len(done)} of {store.count} shards came back; run the command again to finish")
+    return store
+
+
+@contextmanager
+def ray_errors():
+    """A PersonavecError raised inside a Ray task, however Ray wrapped it, as the one line it is."""
+    try:
+        yield
+    except PersonavecError:
+        raise
+    except Exception as exc:
+        mine = _personavec_error(exc)
+        if mine is not None:
+            raise PersonavecError(str(mine)) from None
+        raise
 
 
 def ray_task(model: str, engine: str, dtype: str, tensor_parallel_size: int, cfg, cache: str | None = None) -> dict:
@@ -284,29 +302,94 @@ def ray_task(model: str, engine: str, dtype: str, tensor_parallel_size: int, cfg
             "cfg": cfg if isinstance(cfg, dict) else asdict(cfg), "cache": cache}
 
 
-def ray_screen_scorer(cfg, vector, task: dict, rc: RayConfig, log=None, on_shard=None):
-    """A `scorer` for `run_screen`: the Ray actor pool instead of the in-process model."""
-
-    def scorer(records, run):
-        results = score_with_ray("screen", records, vector, task, run.path, rc, log, on_shard)
-        personas = [r["persona"] for r in results]
-        answers = [r.get("answer", "") for r in results] if not cfg.approx else []
-        return personas, answers
-
-    return scorer
+def check_on_ray(path, rc: RayConfig, require_response: bool = False, stages: list | None = None) -> ChatInput:
+    """`ChatInput.open` (on the driver: no rows read) and the check pass (on Ray)."""
+    inp = ChatInput.open(path)
+    with RaySession(rc) as session, ray_errors():
+        return check_input(session.ray, inp, rc.shard_size, require_response, stages)
 
 
-def ray_monitor_personas(records, vector, model: str, layer: int, position: str, threshold, batch_size: int,
-                         max_length, engine: str, dtype: str, tensor_parallel_size: int, run_path: Path,
-                         rc: RayConfig, log=None, on_shard=None) -> list[dict]:
-    """`monitor_personas` of every chat, from the Ray actor pool (in input order)."""
-    from .monitor import check_monitor_records
+class Answers:
+    """The base answers of a finished screen job, in input order, read from its shards when iterated."""
 
-    check_monitor_records(records, position)
+    def __init__(self, store: ShardStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return self.store.inp.n
+
+    def __iter__(self):
+        return (r.get("answer", "") for r in self.store.rows())
+
+
+def ray_screen(cfg, vector, task: dict, rc: RayConfig, output, run_dir, labels_field=None, drop_top=None,
+               keep_below=None, top_k: int = 20, log=None, on_shard=None, by: str | None = None) -> dict:
+    """`run_screen` with the scores from a Ray actor pool and the input read by Ray Data (`cfg.data`); the same
+    output, summary, filter and report."""
+    from ..runs import RunDir
+    from .screen import finish_screen, screen_run_config
+
+    if drop_top is not None and keep_below is not None:
+        raise PersonavecError("use either --drop-top or --keep-below, not both")
+    layer = vector.check_layer(cfg.layer)
+    with RaySession(rc):  # one cluster for both passes
+        # what screen checks before the model loads, in its order
+        stages = ([("by", by)] if by else []) + ([("labels", labels_field)] if labels_field else []) + \
+            [("screen_answer", None)]
+        inp = check_on_ray(cfg.data, rc, require_response=True, stages=stages)
+        run = RunDir.replace(run_dir, screen_run_config(cfg, layer, labels_field, drop_top, keep_below, by,
+                                                        {"ray": asdict(rc)}))
+        store = score_with_ray("screen", inp, vector, task, run.path, rc, log, on_shard)
+    inp.check_unchanged()
+    personas = [r["persona"] for r in store.rows()]
+    summary = finish_screen(cfg, ShardedRecords(inp), personas, [] if cfg.approx else Answers(store),
+                            inp.values.get("labels"), vector, layer, output, run, drop_top, keep_below, top_k,
+                            labels_field, by, inp.values.get("by"))
+    store.clear()
+    return summary
+
+
+class ScoredRows:
+    """The monitor output rows (each chat with its `persona`) of a finished Ray job, read from the input when
+    iterated; `personas` is held (what the summary and report read)."""
+
+    def __init__(self, records: ShardedRecords, personas: list[dict]):
+        self.records, self.personas = records, personas
+
+    def __len__(self) -> int:
+        return len(self.personas)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.records[i].to_json(), "persona": self.personas[i]}
+
+    def __iter__(self):
+        return ({**r.to_json(), "persona": p} for r, p in zip(self.records, self.personas))
+
+
+def ray_monitor(input_path, vector, model: str, layer: int, position: str, threshold, batch_size: int, max_length,
+                engine: str, dtype: str, tensor_parallel_size: int, run_dir, run_config: dict, scores_field, by,
+                rc: RayConfig, log=None, on_shard=None):
+    """`monitor --input` on Ray: `(rows, score values or None, by keys or None, run, store)`; the rows stream from
+    the input file."""
+    from ..errors import arg
+    from ..runs import RunDir
+    from .monitor import MONITOR_POSITIONS
+
+    if position not in MONITOR_POSITIONS:
+        raise PersonavecError(f"{arg('position', repr(position))}: use {', '.join(MONITOR_POSITIONS)}")
+    stages = ([("response", "--position response_avg averages the answer's tokens")]
+              if position == "response_avg" else []) + ([("scores", scores_field)] if scores_field else []) + \
+        ([("by", by)] if by else [])  # what monitor checks before the model loads, in its order
     cfg = {"layer": layer, "position": position, "threshold": threshold, "batch_size": batch_size,
            "max_length": max_length}
-    task = ray_task(model, engine, dtype, tensor_parallel_size, cfg)
-    return [r["persona"] for r in score_with_ray("monitor", records, vector, task, run_path, rc, log, on_shard)]
+    with RaySession(rc):
+        inp = check_on_ray(input_path, rc, stages=stages)
+        run = RunDir.replace(run_dir, run_config)
+        store = score_with_ray("monitor", inp, vector, ray_task(model, engine, dtype, tensor_parallel_size, cfg),
+                               run.path, rc, log, on_shard)
+    inp.check_unchanged()
+    rows = ScoredRows(ShardedRecords(inp), [r["persona"] for r in store.rows()])
+    return rows, inp.values.get("scores"), inp.values.get("by"), run, store
 
 
 def clear_shards(run_path: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..breakdown import group_by, group_keys, report_section
 from ..cache import SqliteCache, cache_dir
-from ..chat import ChatRecord, prompt_text, write_jsonl
+from ..chat import ChatRecord, check_screen_answer, label_value, prompt_text, write_jsonl
 from ..datasets_io import kept_path, write_chats
 from ..errors import PersonavecError, arg
 from ..backends import as_backend
@@ -147,19 +147,12 @@ def check_screen_records(records: list[ChatRecord]) -> None:
     missing = next((r for r in records if not r.has_response), None)
     if missing is not None:
         raise PersonavecError(f"{missing.where}: the chat has no final assistant message; screen scores the answer")
-    empty = next((r for r in records if not r.response.strip()), None)
-    if empty is not None:
-        raise PersonavecError(f"{empty.where}: the assistant answer is empty; screen needs at least one token")
+    for record in records:
+        check_screen_answer(record)
 
 
 def read_labels(records: list[ChatRecord], name: str) -> list[int]:
-    labels = []
-    for record in records:
-        value = record.fields.get(name)
-        if value not in (0, 1):
-            raise PersonavecError(f"{record.where}: label field {name!r} is {value!r}; it must be 0 or 1")
-        labels.append(int(value))
-    return labels
+    return [label_value(record, name) for record in records]
 
 
 def select_rows(personas: list[dict], rank_by: str, drop_top: float | None = None,
@@ -179,9 +172,11 @@ def select_rows(personas: list[dict], rank_by: str, drop_top: float | None = Non
 
 
 def screen_summary(records: list[ChatRecord], personas: list[dict], rank_by: str, labels: list[int] | None,
-                   top_k: int = 20, by: str | None = None, labels_field: str | None = None) -> dict:
+                   top_k: int = 20, by: str | None = None, labels_field: str | None = None,
+                   keys: list | None = None) -> dict:
     """Distribution, dataset mean and top lines of each score, AUROC against `labels`; with `by`, the breakdown of
-    the `rank_by` score by that field of the lines (per value: count, mean, sd, 95% CI, AUROC)."""
+    the `rank_by` score by that field of the lines (per value: count, mean, sd, 95% CI, AUROC; `keys`: its value on
+    each line, default: read from `records`)."""
     scores = [s for s in SCORES if s in personas[0]]
     column = {s: [math.nan if p[s] is None else p[s] for p in personas] for s in scores}
     ranked = sorted((i for i, v in enumerate(column[rank_by]) if not math.isnan(v)), key=lambda i: -column[rank_by][i])
@@ -199,7 +194,8 @@ def screen_summary(records: list[ChatRecord], personas: list[dict], rank_by: str
             pairs = [(y, v) for y, v in zip(labels, column[s]) if not math.isnan(v)]
             summary["auroc"][s] = auroc([y for y, _ in pairs], [v for _, v in pairs])
     if by is not None:
-        summary["by"] = group_by(column[rank_by], group_keys(records, by), labels, field=by, measure=rank_by,
+        keys = group_keys(records, by) if keys is None else keys
+        summary["by"] = group_by(column[rank_by], keys, labels, field=by, measure=rank_by,
                                  labels_field=labels_field if labels is not None else None)
     return summary
 
@@ -212,33 +208,43 @@ def _text(text: str, width: int = 100) -> str:
 def run_screen(cfg: ScreenConfig, records: list[ChatRecord], vector: PersonaVector, model, tokenizer,
                output: str | Path, run_dir: str | Path, labels_field: str | None = None, drop_top: float | None = None,
                keep_below: float | None = None, top_k: int = 20, cache: BaseAnswerCache | None = None,
-               scorer=None, extra_config: dict | None = None, by: str | None = None) -> dict:
+               by: str | None = None) -> dict:
     """Score, write the scored output (and the filtered one), the run folder's summary and report.
 
-    `scorer(records, run)` -> `(personas, base answers)` replaces the in-process `screen_records` (the Ray runner,
-    `personavec.pipeline.scale`, passes one; `model` may then be None). Everything after the scores is the same.
+    The Ray path (`personavec.pipeline.scale.ray_screen`) scores on an actor pool and shares everything after the
+    scores (`finish_screen`).
     """
     if drop_top is not None and keep_below is not None:
         raise PersonavecError(f"use either {arg('drop_top')} or {arg('keep_below')}, not both")
     labels = read_labels(records, labels_field) if labels_field else None
     keys = group_keys(records, by) if by else None  # a line without the field is refused before any scoring
-    if scorer is None:
-        vector.check_model(model)  # a vector for another model says so before anything about its layer
-    else:
-        check_screen_records(records)
+    vector.check_model(model)  # a vector for another model says so before anything about its layer
     layer = vector.check_layer(cfg.layer)
-    run = RunDir.replace(run_dir, {**cfg.as_config(), "layer": layer, "labels": labels_field,
-                                   "drop_top": drop_top, "keep_below": keep_below, "by": by,
-                                   **(extra_config or {})})
-    if scorer is None:
-        personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
-    else:
-        personas, answers = scorer(records, run)
+    run = RunDir.replace(run_dir, screen_run_config(cfg, layer, labels_field, drop_top, keep_below, by))
+    personas, answers = screen_records(model, tokenizer, records, vector, cfg, cache)
+    return finish_screen(cfg, records, personas, answers, labels, vector, layer, output, run, drop_top, keep_below,
+                         top_k, labels_field, by, keys)
+
+
+def screen_run_config(cfg: ScreenConfig, layer: int, labels_field, drop_top, keep_below, by=None,
+                      extra_config: dict | None = None) -> dict:
+    return {**cfg.as_config(), "layer": layer, "labels": labels_field, "drop_top": drop_top, "keep_below": keep_below,
+            "by": by, **(extra_config or {})}
+
+
+def finish_screen(cfg: ScreenConfig, records, personas: list[dict], answers, labels: list[int] | None,
+                  vector: PersonaVector, layer: int, output: str | Path, run: RunDir, drop_top: float | None,
+                  keep_below: float | None, top_k: int, labels_field: str | None = None, by: str | None = None,
+                  keys: list | None = None) -> dict:
+    """Everything after the scores: the scored output, base answers, summary, filtered output and report.
+
+    `records` is read in order (twice with a filter) and by index for the top lines only, so the Ray path hands a
+    view that streams its rows from the input file; `answers` is iterated once; `keys` are the `by` field's values."""
     output = Path(output)
     write_chats(output, ({**r.to_json(), "persona": p} for r, p in zip(records, personas)), like=records)
-    if answers:
+    if len(answers):
         write_jsonl(run.file("base_answers.jsonl"), ({"line": i + 1, "answer": a} for i, a in enumerate(answers)))
-    summary = screen_summary(records, personas, cfg.rank_by, labels, top_k, by, labels_field)
+    summary = screen_summary(records, personas, cfg.rank_by, labels, top_k, by, labels_field, keys)
     summary.update(trait=vector.trait, layer=layer, data=cfg.data, output=str(output))
     if drop_top is not None or keep_below is not None:
         kept = select_rows(personas, cfg.rank_by, drop_top, keep_below)
