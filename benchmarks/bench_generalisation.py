@@ -101,6 +101,7 @@ def paired_acts(model, tok, pos_chats, neg_chats, batch_size):
 
 def contrast_sources(name, origin, model, tok, pos_chats, neg_chats, batch_size, trait) -> list[Source]:
     """Mean difference (with `personavec vector`'s layer choice) and paired PCA of matched pos/neg chats."""
+    log(f"{trait}: {name} from {origin} ({len(pos_chats)} pairs)")
     pos, neg, p, n = paired_acts(model, tok, pos_chats, neg_chats, batch_size)
     vector = PersonaVector.from_activations(pos, neg, model=model, trait=trait)
     seps = separation_by_layer(vector, pos.kept(), neg.kept())
@@ -109,18 +110,18 @@ def contrast_sources(name, origin, model, tok, pos_chats, neg_chats, batch_size,
             Source(f"{name}-pca", layer, paired_difference_pca(p, n), origin, kind="pca", note=f"{len(p)} pairs")]
 
 
-def train_pairs(trait: str):
-    pos_path, neg_path = EXPERIMENTS / f"{trait}_train.jsonl", EXPERIMENTS / "neutral_train.jsonl"
+def train_pairs(trait: str, experiments: Path = EXPERIMENTS):
+    pos_path, neg_path = experiments / f"{trait}_train.jsonl", experiments / "neutral_train.jsonl"
     if not pos_path.exists() or not neg_path.exists():
         return None
     pos = {r.fields["id"]: r.messages for r in read_chats(pos_path, require_response=True)}
     neg = {r.fields["id"]: r.messages for r in read_chats(neg_path, require_response=True)}
     ids = [i for i in pos if i in neg]
-    return [pos[i] for i in ids], [neg[i] for i in ids], f"{pos_path.relative_to(ROOT)} vs {neg_path.name}"
+    return [pos[i] for i in ids], [neg[i] for i in ids], f"{_short(pos_path)} vs {neg_path.name}"
 
 
-def screen_set_pairs(trait: str):
-    path = EXPERIMENTS / "screen_labelled.jsonl"
+def screen_set_pairs(trait: str, experiments: Path = EXPERIMENTS):
+    path = experiments / "screen_labelled.jsonl"
     if not path.exists():
         return None
     rows = [r for r in read_chats(path, require_response=True) if r.fields.get("trait") == trait]
@@ -129,7 +130,11 @@ def screen_set_pairs(trait: str):
     ids = [i for i in pos if i in neg]
     if not ids:
         return None
-    return [pos[i] for i in ids], [neg[i] for i in ids], f"{path.relative_to(ROOT)} ({trait} pairs)"
+    return [pos[i] for i in ids], [neg[i] for i in ids], f"{_short(path)} ({trait} pairs)"
+
+
+def _short(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def extract_run_pairs(folder: Path):
@@ -194,6 +199,7 @@ def base_sources(args, model, tok, trait: str, n_layers: int) -> list[Source]:
         run = auto
     if run is not None:
         pos_chats, neg_chats = extract_run_pairs(run)
+        log(f"{trait}: extract-pca from {run} ({len(pos_chats)} kept pairs)")
         pos, neg, p, n = paired_acts(model, tok, pos_chats, neg_chats, args.batch_size)
         extract = next((s for s in sources if s.name == "extract"), None)
         layer = extract.layer if extract else json.loads((run / "summary.json").read_text())["layer"]
@@ -204,7 +210,8 @@ def base_sources(args, model, tok, trait: str, n_layers: int) -> list[Source]:
         sources.append(Source("extract-pca", layer, paired_difference_pca(p, n), str(run), kind="pca",
                               note=f"{len(p)} pairs"))
 
-    for name, found in (("vector", train_pairs(trait)), ("screen-set", screen_set_pairs(trait))):
+    for name, found in (("vector", train_pairs(trait, args.experiments)),
+                        ("screen-set", screen_set_pairs(trait, args.experiments))):
         if found:
             pos_chats, neg_chats, origin = found
             sources += contrast_sources(name, origin, model, tok, pos_chats, neg_chats, args.batch_size, trait)
@@ -308,7 +315,9 @@ def main() -> None:
                         help="an extract run folder whose kept pairs feed extract-pca")
     parser.add_argument("--no-shipped", action="store_true", help="do not pick up the shipped extract vectors")
     parser.add_argument("--no-style", action="store_true", help="leave out the +style rows")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=DATA, help="the test sets and style_pairs.jsonl")
+    parser.add_argument("--experiments", type=Path, default=EXPERIMENTS,
+                        help="where <trait>_train.jsonl, neutral_train.jsonl and screen_labelled.jsonl are")
     parser.add_argument("--json", type=Path, default=None, help="default runs/bench_generalisation/<model>.json")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="auto")
@@ -351,6 +360,7 @@ def run(args) -> None:
             records, labels = checks[trait][str(path)]
             register = path.stem[len(trait) + 1:]
             t = TestSet(register, path, records, labels)
+            log(f"{trait}: capturing {path.name} ({len(records)} answers)")
             t.acts = capture_for_check(model, tok, records, args.batch_size)
             t.lengths = [encode_chat(tok, r.messages).response_len for r in records]
             sets.append(t)
