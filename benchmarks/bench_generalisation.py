@@ -355,6 +355,10 @@ def run(args) -> None:
 
     result = {"model": args.model, "n_layers": n_layers, "traits": {}}
     for trait in traits:
+        sources = derived_sources(base_sources(args, model, tok, trait, n_layers), style)
+        if not sources:
+            log(f"{trait}: no vector source (no shipped vector, no --vector, no experiments data); skipped")
+            continue
         sets = []
         for path in files[trait]:
             records, labels = checks[trait][str(path)]
@@ -364,10 +368,6 @@ def run(args) -> None:
             t.acts = capture_for_check(model, tok, records, args.batch_size)
             t.lengths = [encode_chat(tok, r.messages).response_len for r in records]
             sets.append(t)
-        sources = derived_sources(base_sources(args, model, tok, trait, n_layers), style)
-        if not sources:
-            log(f"{trait}: no vector source (no shipped vector, no --vector, no experiments data); skipped")
-            continue
         table = score(sources, sets)
         baseline = {t.register: auroc(t.labels, t.lengths) for t in sets}
         print_trait(trait, table, sets, baseline)
