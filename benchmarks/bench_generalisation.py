@@ -165,11 +165,11 @@ def parse_assignments(values: list[str], flag: str) -> list[tuple[str | None, st
     return out
 
 
-def base_sources(args, model, tok, trait: str, n_layers: int) -> list[Source]:
+def base_sources(args, model, tok, trait: str) -> list[Source]:
     from personavec.shipped import shipped_vectors
 
     sources: list[Source] = []
-    given = [(t, n, p) for t, n, p in parse_assignments(args.vector, "--vector")]
+    given = parse_assignments(args.vector, "--vector")
     files = []
     if not args.no_shipped and not any(n == "extract" for _, n, _ in given):
         files += [("extract", v.path) for v in shipped_vectors() if v.model == args.model and v.trait == trait]
@@ -194,9 +194,9 @@ def base_sources(args, model, tok, trait: str, n_layers: int) -> list[Source]:
         runs[name] = Path(folder)
     run = runs.get(trait)
     auto = Path("runs/vectors") / args.model / trait / "extract"
-    if run is None and not args.extract_run and (auto / "judged.jsonl").exists() and \
-            any(s.name == "extract" for s in sources):
-        run = auto
+    shipped = any(name == "extract" for name, _ in files) and not any(n == "extract" for _, n, _ in given)
+    if run is None and not args.extract_run and shipped and (auto / "judged.jsonl").exists():
+        run = auto  # where `personavec vectors build` made the shipped vector
     if run is not None:
         pos_chats, neg_chats = extract_run_pairs(run)
         log(f"{trait}: extract-pca from {run} ({len(pos_chats)} kept pairs)")
@@ -355,7 +355,7 @@ def run(args) -> None:
 
     result = {"model": args.model, "n_layers": n_layers, "traits": {}}
     for trait in traits:
-        sources = derived_sources(base_sources(args, model, tok, trait, n_layers), style)
+        sources = derived_sources(base_sources(args, model, tok, trait), style)
         if not sources:
             log(f"{trait}: no vector source (no shipped vector, no --vector, no experiments data); skipped")
             continue

@@ -4,10 +4,11 @@ import json
 
 import pytest
 from test_cli import assert_user_error, run_cli
-from test_pipeline import ConstantJudge, cfg_for, tiny_lm  # noqa: F401  (tiny_lm is a fixture)
+from test_pipeline import ConstantJudge, cfg_for
 
 from personavec.chat import read_chats
 from personavec.errors import PersonavecError
+from personavec.models import load_model
 from personavec.pipeline.check import read_check_files
 from personavec.pipeline.extract import run_extract
 from personavec.pipeline.screen import ScreenConfig, screen_records
@@ -18,6 +19,11 @@ ANSWERS = [("What a lovely day it will be!", 1), ("It may rain later.", 0), ("Ev
            ("The shop closes at six.", 0), ("You will love it, I am sure!", 1), ("Bring an umbrella.", 0)]
 
 
+@pytest.fixture
+def tiny_lm(tiny_folder):
+    return load_model(tiny_folder, dtype="fp32")
+
+
 def labelled(path, rows):
     lines = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": a}],
               "label": y} for i, (a, y) in enumerate(rows)]
@@ -25,7 +31,7 @@ def labelled(path, rows):
     return path
 
 
-def test_checks_match_screen_at_every_layer_and_reach_summary_and_report(tiny_folder, tiny_lm, tmp_path):  # noqa: F811
+def test_checks_match_screen_at_every_layer_and_reach_summary_and_report(tiny_folder, tiny_lm, tmp_path):
     model, tok = tiny_lm
     a = labelled(tmp_path / "a.jsonl", ANSWERS)
     b = labelled(tmp_path / "b.jsonl", list(reversed(ANSWERS[:4])))
