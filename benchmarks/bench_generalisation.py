@@ -12,8 +12,11 @@ similar length; never used to make or tune anything). Each cell is an AUROC of l
 Vector sources, per trait:
 - `extract`: the vector shipped for the model (`personavec/data/vectors/<model>/<trait>.safetensors`), when present;
   `--vector [TRAIT:]NAME=PATH` adds any vector file (its `trait` metadata names the trait unless TRAIT: is given);
-- `extract-pca`: paired-difference PCA on the kept pairs of an extract run (`--extract-run TRAIT=DIR`, or found at
-  `runs/vectors/<model>/<trait>/extract/` where `personavec vectors build` leaves them);
+- from an extract run's answers (`--extract-run TRAIT=DIR`, or found at `runs/vectors/<model>/<trait>/extract/` where
+  `personavec vectors build` leaves them), no generation: `extract-pca` (paired-difference PCA on the kept pairs),
+  and the mean difference of other selections of its pairs: `extract-unfiltered` (every pair, no judge filter),
+  `extract-top-gap` (the half with the largest judged pos - neg trait score) and `extract-len-matched` (kept pairs
+  whose answers are within 25% in token length);
 - `vector`: mean difference of `experiments/data/<trait>_train.jsonl` vs `neutral_train.jsonl` (what
   `personavec vector` makes from them, with its layer choice), and `vector-pca` on the same pairs;
 - `screen-set`: the same from `experiments/data/screen_labelled.jsonl`'s pairs for the trait, and `screen-set-pca`;
@@ -50,8 +53,8 @@ from personavec.models import load_model
 from personavec.pipeline.check import aurocs_by_layer, best_layer, capture_for_check, read_check_files
 from personavec.pipeline.contrast import middle_layers, separation_by_layer
 from personavec.pipeline.extract import item_chat
-from personavec.vecmath import auroc, average_directions, cosine, group_directions, paired_difference_pca, \
-    remove_directions
+from personavec.vecmath import auroc, average_directions, cosine, group_directions, mean_difference, \
+    paired_difference_pca, remove_directions
 from personavec.vectors import PersonaVector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,19 +140,25 @@ def _short(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def extract_run_pairs(folder: Path):
+def extract_run_pairs(folder: Path) -> list[dict]:
+    """Every complete pos/neg pair of an extract run (`judged.jsonl`), kept by its filter or not."""
     judged = folder / "judged.jsonl"
     if not judged.exists():
         raise PersonavecError(f"--extract-run {folder}: no judged.jsonl there (give an extract run folder)")
     rows = [json.loads(line) for line in judged.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = {}
+    by_pair: dict[str, dict] = {}
     for row in rows:
-        if row.get("kept"):
-            kept.setdefault(row["pair"], {})[row["polarity"]] = row
-    pairs = [p for p in kept.values() if "pos" in p and "neg" in p]
-    if not pairs:
+        by_pair.setdefault(row["pair"], {})[row["polarity"]] = row
+    pairs = [p for p in by_pair.values() if "pos" in p and "neg" in p and p["pos"]["answer"].strip()
+             and p["neg"]["answer"].strip()]
+    if not any(p["pos"].get("kept") for p in pairs):
         raise PersonavecError(f"--extract-run {folder}: no kept pair in judged.jsonl")
-    return [item_chat(p["pos"]) for p in pairs], [item_chat(p["neg"]) for p in pairs]
+    return pairs
+
+
+def judged_gap(pair: dict) -> float | None:
+    pos, neg = pair["pos"].get("trait_score"), pair["neg"].get("trait_score")
+    return None if pos is None or neg is None else pos - neg
 
 
 # -- the sources --------------------------------------------------------------------------------------------------
@@ -198,17 +207,7 @@ def base_sources(args, model, tok, trait: str) -> list[Source]:
     if run is None and not args.extract_run and shipped and (auto / "judged.jsonl").exists():
         run = auto  # where `personavec vectors build` made the shipped vector
     if run is not None:
-        pos_chats, neg_chats = extract_run_pairs(run)
-        log(f"{trait}: extract-pca from {run} ({len(pos_chats)} kept pairs)")
-        pos, neg, p, n = paired_acts(model, tok, pos_chats, neg_chats, args.batch_size)
-        extract = next((s for s in sources if s.name == "extract"), None)
-        layer = extract.layer if extract else json.loads((run / "summary.json").read_text())["layer"]
-        if extract is not None:
-            again = PersonaVector.from_activations(pos, neg).vectors
-            log(f"{trait}: {run}: {len(p)} kept pairs; their mean difference has cosine "
-                f"{float(cosine(again[layer], extract.vectors[layer])):.4f} with `extract` at layer {layer}")
-        sources.append(Source("extract-pca", layer, paired_difference_pca(p, n), str(run), kind="pca",
-                              note=f"{len(p)} pairs"))
+        sources += extract_run_sources(run, sources, model, tok, trait, args.batch_size)
 
     for name, found in (("vector", train_pairs(trait, args.experiments)),
                         ("screen-set", screen_set_pairs(trait, args.experiments))):
@@ -216,6 +215,40 @@ def base_sources(args, model, tok, trait: str) -> list[Source]:
             pos_chats, neg_chats, origin = found
             sources += contrast_sources(name, origin, model, tok, pos_chats, neg_chats, args.batch_size, trait)
     return sources
+
+
+def extract_run_sources(run: Path, sources: list[Source], model, tok, trait: str, batch_size: int) -> list[Source]:
+    """From an extract run's pairs (no generation): paired PCA on the kept pairs, and the mean difference over
+    other selections of its pairs: all of them (no judge filter), the half with the largest judged trait gap, and
+    the kept pairs whose two answers have about the same length."""
+    pairs = extract_run_pairs(run)
+    log(f"{trait}: extract variants from {run} ({len(pairs)} pairs, {sum(bool(p['pos'].get('kept')) for p in pairs)} "
+        "kept)")
+    _, _, p, n = paired_acts(model, tok, [item_chat(x["pos"]) for x in pairs], [item_chat(x["neg"]) for x in pairs],
+                                 batch_size)
+    if len(p) < len(pairs):
+        raise PersonavecError(f"--extract-run {run}: some answers are longer than the model's context")
+    extract = next((s for s in sources if s.name == "extract"), None)
+    layer = extract.layer if extract else json.loads((run / "summary.json").read_text())["layer"]
+    kept = [i for i, x in enumerate(pairs) if x["pos"].get("kept")]
+    if extract is not None:
+        again = mean_difference(p[kept], n[kept])
+        log(f"{trait}: the kept pairs' mean difference has cosine {float(cosine(again[layer], extract.vectors[layer])):.4f} "
+            f"with `extract` at layer {layer}")
+    out = [Source("extract-pca", layer, paired_difference_pca(p[kept], n[kept]), str(run), kind="pca",
+                  note=f"{len(kept)} kept pairs")]
+    selections = {"extract-unfiltered": (list(range(len(pairs))), "every pair, no judge filter")}
+    gaps = [(judged_gap(x), i) for i, x in enumerate(pairs) if judged_gap(x) is not None]
+    if len(gaps) >= 4:
+        top = [i for _, i in sorted(gaps, reverse=True)[: len(gaps) // 2]]
+        selections["extract-top-gap"] = (top, f"the {len(top)} of {len(gaps)} judged pairs with the largest trait gap")
+    lengths = [(len(tok(x["pos"]["answer"])["input_ids"]), len(tok(x["neg"]["answer"])["input_ids"])) for x in pairs]
+    matched = [i for i in kept if max(lengths[i]) <= 1.25 * min(lengths[i])]
+    if len(matched) >= 2:
+        selections["extract-len-matched"] = (matched, f"{len(matched)} of {len(kept)} kept pairs within 25% in length")
+    for name, (rows, note) in selections.items():
+        out.append(Source(name, layer, mean_difference(p[rows], n[rows]), str(run), kind="subset", note=note))
+    return out
 
 
 def derived_sources(sources: list[Source], style: dict[str, torch.Tensor] | None) -> list[Source]:
