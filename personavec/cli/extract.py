@@ -54,7 +54,7 @@ def extract_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
-    check: Optional[list[Path]] = typer.Option(None, "--check", help="labelled chat JSONL (\"label\": 1 shows the "
+    check: Optional[list[Path]] = typer.Option(None, "--check", metavar="FILE", help="labelled chat JSONL (\"label\": 1 shows the "
                                                "trait, 0 does not; repeat for more): AUROC of the new vector's "
                                                "readings per layer, in summary.json under \"checks\" and the report"),
 ) -> None:
