@@ -128,3 +128,76 @@ def paired_difference_ci(first: torch.Tensor, second: torch.Tensor, n: int = 200
     difference = second.double().flatten() - first.double().flatten()
     low, high = bootstrap_mean_ci(difference, n, level, seed)
     return (float(difference.mean()), low, high)
+
+
+# -- other ways to get a direction (measured against the mean difference by benchmarks/bench_generalisation.py) --
+
+def paired_difference_pca(pos: torch.Tensor, neg: torch.Tensor, center: bool = False) -> torch.Tensor:
+    """First principal direction of the per-pair differences `pos[i] - neg[i]`: `[n, ..., hidden] x2 -> [..., hidden]`.
+
+    Rows are pairs (pos[i] and neg[i] answer the same prompt). The direction is the top right singular vector of the
+    difference matrix, taken per leading index (per layer), sign-aligned with the mean difference and scaled to the
+    mean difference's component along it, so it is directly comparable with `mean_difference` (and a raw `coef` keeps
+    its meaning). Uncentred by default: centring removes the mean-difference direction when the pairs agree (the
+    repeng `pca_diff` caveat in DESIGN.md). Where the main axis of the differences is orthogonal to the mean
+    difference the result is zero: that axis carries no consistent trait sign. So is it where the differences have
+    no spread at all (centred, identical pairs).
+    """
+    if pos.shape != neg.shape:
+        raise ValueError(f"paired_difference_pca needs pos and neg of one shape (pairs), got {tuple(pos.shape)} and "
+                         f"{tuple(neg.shape)}")
+    if pos.shape[0] == 0:
+        raise ValueError("paired_difference_pca needs at least one pair")
+    differences = (pos.double() - neg.double()).movedim(0, -2)  # [..., n, hidden]
+    mean = differences.mean(-2)
+    centred = differences - mean.unsqueeze(-2) if center else differences
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    # no spread at all (e.g. centred identical differences): there is no main axis, not an arbitrary one
+    spread = s[..., :1] > 1e-9 * differences.flatten(-2).norm(dim=-1, keepdim=True).clamp(min=1e-300)
+    direction = vh[..., 0, :] * spread
+    along = (mean * direction).sum(-1, keepdim=True)  # signed: aligns the sign and sets the length at once
+    return (direction * along).float()
+
+
+def average_directions(vectors: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """The mean of several vectors' unit directions (per row), rescaled to their mean length: `k x [..., hidden]`.
+
+    Each source counts equally whatever its scale (a long vector from many samples does not outvote a short one);
+    the result has the mean norm of the inputs so a raw coefficient stays in their range.
+    """
+    stacked = torch.stack([torch.as_tensor(v).float() for v in vectors]) if isinstance(vectors, (list, tuple)) \
+        else torch.as_tensor(vectors).float()
+    if stacked.shape[0] == 0:
+        raise ValueError("average_directions needs at least one vector")
+    return unit(unit(stacked).mean(0)) * stacked.norm(dim=-1).mean(0).unsqueeze(-1)
+
+
+def remove_directions(vector: torch.Tensor, directions: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
+    """`vector` minus its projection onto the span of `directions`, per row: `[..., hidden]`, `[k, ..., hidden]`.
+
+    The directions need not be orthogonal or independent: an orthonormal basis of their span is taken per row
+    (singular values below `tolerance` times the largest are dropped), so a direction repeated or a combination of
+    others changes nothing. Used to project a register ("style") out of a trait vector.
+    """
+    vector = vector.double()
+    basis_in = torch.as_tensor(directions).double().movedim(0, -2)  # [..., k, hidden]
+    if basis_in.shape[-1] != vector.shape[-1] or basis_in.shape[:-2] != vector.shape[:-1]:
+        raise ValueError(f"remove_directions: directions {tuple(directions.shape)} do not fit vector "
+                         f"{tuple(vector.shape)} (want [k, *vector.shape])")
+    _, s, vh = torch.linalg.svd(basis_in, full_matrices=False)  # rows of vh: orthonormal basis of the span
+    keep = (s > tolerance * s.amax(-1, keepdim=True).clamp(min=1e-300)).unsqueeze(-1)
+    basis = vh * keep
+    coefficients = (basis * vector.unsqueeze(-2)).sum(-1, keepdim=True)
+    return (vector - (coefficients * basis).sum(-2)).float()
+
+
+def group_directions(groups: list[torch.Tensor]) -> torch.Tensor:
+    """Each group's mean minus the mean of the group means: `k x [n_g, ..., hidden] -> [k, ..., hidden]`.
+
+    With the same contents written in k registers, these k directions span what the registers add (k - 1
+    independent ones); `remove_directions` takes them as they are.
+    """
+    if len(groups) < 2:
+        raise ValueError("group_directions needs at least two groups")
+    means = torch.stack([g.float().mean(0) for g in groups])
+    return means - means.mean(0, keepdim=True)

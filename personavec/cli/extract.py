@@ -54,6 +54,9 @@ def extract_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
+    check: Optional[list[Path]] = typer.Option(None, "--check", metavar="FILE", help="labelled chat JSONL (\"label\": 1 shows the "
+                                               "trait, 0 does not; repeat for more): AUROC of the new vector's "
+                                               "readings per layer, in summary.json under \"checks\" and the report"),
 ) -> None:
     """The paper's pipeline: generate pos/neg answers, judge, filter, vectors, choose a layer, report.
 
@@ -62,11 +65,13 @@ def extract_cmd(
     --pos-threshold / --neg-threshold override the thresholds; --no-calibrate uses the fixed 50.
     """
     from ..judge import make_judge, parse_spec
+    from ..pipeline.check import read_check_files
     from ..pipeline.extract import ExtractConfig, run_extract
     from ..traits import load_trait
 
     run_folder(out, "--out")
     candidate_layers = int_list(layers, "--layers") if layers else None
+    checks = read_check_files(check)  # a bad check file is refused before any model loads
     trait = load_trait(trait_name)
     parse_spec(judge_spec)
     _check_calibration(calibration)
@@ -89,10 +94,18 @@ def extract_cmd(
         sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype, judge_scheme=chosen)
     if pos_threshold is not None or neg_threshold is not None:
         log(f"thresholds: pos {cfg.pos_threshold:.1f}, neg {cfg.neg_threshold:.1f} (flags), scheme {chosen}")
-    result = run_extract(cfg, trait, lm, tokenizer, judge, out, force=force, judge_calibration=calib)
+    result = run_extract(cfg, trait, lm, tokenizer, judge, out, force=force, judge_calibration=calib, checks=checks)
     s = result.summary
     log(f"kept {s['counts']['pairs_kept']} of {s['counts']['pairs']} pairs; layer {s['layer']} ({s['layer_method']})")
+    for name, entry in s.get("checks", {}).items():
+        r, a = entry["response_projection"], entry["approx_projection_difference"]
+        log(f"check {name}: AUROC at layer {s['layer']}: response projection {_auroc(r['auroc'])}, approx ΔP "
+            f"{_auroc(a['auroc'])}; best layer {r['best_layer']} ({_auroc(r['best_auroc'])})")
     print(f"vectors: {out / 'vectors.safetensors'}\nreport: {out / 'report.html'}")
+
+
+def _auroc(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def evaluate_cmd(

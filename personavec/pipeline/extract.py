@@ -8,7 +8,8 @@
 4. steer candidate layers on held-out evaluation questions and keep the layer
    with the highest trait score whose coherence stays above the threshold
    (with `--judge none`: the layer with the best pos/neg separation);
-5. `summary.json` and `report.html`.
+5. with `checks` (labelled chat files), the AUROC of the new vector's readings on each, at every layer;
+6. `summary.json` and `report.html`.
 
 Killing it and running the same command again continues where it stopped:
 answers already written are not regenerated, judge calls come from the cache.
@@ -226,9 +227,15 @@ class ExtractResult:
 
 
 def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: str | Path, force: bool = False,
-                judge_calibration: dict | None = None) -> ExtractResult:
+                judge_calibration: dict | None = None, checks=None) -> ExtractResult:
+    """`checks`: labelled chat files (paths, or `pipeline.check.read_check_files`'s result), read and validated
+    before anything is generated; each gets its AUROC table under `summary["checks"]` and in the report. They are
+    not part of the run's config: they do not change the vector, so a rerun with other checks resumes."""
     from ..report import figure_html, layer_plot, table_html, write_report
+    from .check import checks_plot, checks_table, read_check_files, run_checks
 
+    if checks is not None and not isinstance(checks, dict):
+        checks = read_check_files(checks)
     total = as_backend(model).n_layers
     candidates = check_candidate_layers(cfg.candidate_layers, total) if cfg.candidate_layers else \
         default_candidates(total)
@@ -271,6 +278,8 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
                "judge_calibration": judge_calibration}
     if not judged:
         summary["note"] = "--judge none: every answer was kept unfiltered and the layer was chosen by separation"
+    if checks:
+        summary["checks"] = run_checks(model, tokenizer, vector, checks, layer, cfg.batch_size)
     run.write_json("summary.json", summary)
 
     sections = [("Summary", table_html(["trait", "model", "judge", "layer", "coef (norm)", "pairs kept"],
@@ -283,6 +292,13 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
                          + table_html(["layer", "trait", "coherence", "n"],
                                       [[r["layer"] if r["steered"] else "unsteered", r["trait"], r["coherence"], r["n"]] for r in sweep_table])))
         sections.append(("Judged scores of kept and dropped answers", figure_html(_scores_plot(rows), "scores")))
+    if checks:
+        headers, table_rows = checks_table(summary["checks"])
+        sections.append(("Checks: AUROC on labelled files", figure_html(checks_plot(summary["checks"], layer), "checks")
+                         + table_html(headers, table_rows)
+                         + "<p>response projection: mean of h·v̂ over the answer's tokens; approx ΔP: that minus the "
+                           "last prompt token's (as in <code>screen --approx</code>). The best layer is chosen on the "
+                           "file itself.</p>"))
     sections.append(("Example answers (pos / neg)", table_html(
         ["polarity", "system", "question", "answer", "trait", "coherence", "kept"],
         [[r["polarity"], r["system"], r["question"], r["answer"], r["trait_score"], r["coherence"], r["kept"]]
