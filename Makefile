@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.personavec-installed
 
-.PHONY: setup vectors demo test test-ray test-slow bench setup-vllm test-vllm bench-vllm setup-chromium clean
+.PHONY: setup vectors demo test test-ray test-slow bench setup-vllm test-vllm bench-vllm setup-llamacpp test-llamacpp \
+	setup-chromium clean
 
 setup: $(STAMP)
 
@@ -63,6 +64,41 @@ test-vllm: setup-vllm
 
 bench-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python benchmarks/bench_engines.py
+
+# llama.cpp itself (llama-cpp-python), only for `make test-llamacpp`; not in the `test` extra. PyPI has no binary wheel
+# for this platform, so the sdist is built once (CPU only: no GPU backends, no curl/openssl, no llava) into a wheel
+# cache outside the repo, reused after that and after `make clean`, and installed into $(VENV).
+# GGML_NATIVE=OFF builds the portable AVX2/FMA/F16C kernels: a -march=native build on this AMX CPU segfaults in
+# ggml_backend_amx_mul_mat on the first llama_decode of the packaged Qwen GGUF.
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_WHEELS ?= $(HOME)/.cache/personavec/wheels
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	-DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_HIP=OFF -DGGML_BLAS=OFF -DGGML_RPC=OFF
+# one folder per version and build flags, so changing the flags builds again (pip's own wheel cache would not)
+LLAMACPP_WHEEL_DIR := $(LLAMACPP_WHEELS)/llama-cpp-python-$(LLAMACPP_VERSION)-$(shell echo '$(LLAMACPP_CMAKE_ARGS)' \
+	| sha256sum | cut -c1-12)
+LLAMACPP_WHEEL_GLOB := $(LLAMACPP_WHEEL_DIR)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
+
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(notdir $(LLAMACPP_WHEEL_DIR))
+
+setup-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	@ls $(LLAMACPP_WHEEL_GLOB) >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMACPP_VERSION) from its sdist into $(LLAMACPP_WHEEL_DIR) (once, CPU only)"; \
+	  mkdir -p $(LLAMACPP_WHEEL_DIR) && CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PY) -m pip wheel -q --disable-pip-version-check \
+	    --no-cache-dir --no-deps --no-binary llama-cpp-python -w $(LLAMACPP_WHEEL_DIR) \
+	    llama-cpp-python==$(LLAMACPP_VERSION) || exit 1; }
+	$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps $(LLAMACPP_WHEEL_GLOB)
+	$(PY) -m pip install -q --disable-pip-version-check $(LLAMACPP_WHEEL_GLOB)
+	touch $@
+
+# The GGUF export steered inside llama.cpp against personavec's own steering (tests/test_llamacpp.py, marker
+# llamacpp, deselected by default). It must never skip here; pytest's 5 (nothing selected) is not a failure.
+test-llamacpp: setup-llamacpp
+	PERSONAVEC_REQUIRE_LLAMACPP=1 $(PY) -m pytest -q -m llamacpp tests/test_llamacpp.py; rc=$$?; \
+	  [ $$rc -eq 5 ] && echo "no llamacpp tests selected" && rc=0; exit $$rc
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs
