@@ -91,16 +91,21 @@ def load_shipped(model: str, trait: str, root: Path | None = None):
     return vector
 
 
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
 def build_shipped_vectors(models: list[str], traits: list[str], work: Path, root: Path | None = None,
-                          judge_spec: str = BUILD_JUDGE, force: bool = False) -> list[Path]:
+                          judge_spec: str = BUILD_JUDGE, force: bool = False, log=_stderr) -> list[Path]:
     """Extract every (model, trait) with the default judge into `work/<model>/<trait>/`, resuming finished and
     half-finished runs, then copy each vector and its summary into the package. Returns the shipped files."""
     from .backends import load_backend
-    from .cli.judge import judge_plan
+    from .calibration import plan_judging
     from .judge import make_judge
     from .pipeline.evaluate import EvaluateConfig, run_evaluate
     from .pipeline.extract import ExtractConfig, run_extract
-    from .cli.common import log
     from .traits import load_trait
 
     root = root or shipped_root()
@@ -112,7 +117,8 @@ def build_shipped_vectors(models: list[str], traits: list[str], work: Path, root
         for name in traits:
             trait = load_trait(name)
             log(f"== {model} / {name}")
-            plan = judge_plan(judge, trait, None, None, True)
+            plan = plan_judging(judge, trait, calibrate_self=True)
+            log(plan.line(judge_spec, name))
             threshold = plan.threshold if plan.threshold is not None else 50.0
             cfg = ExtractConfig(model=model, trait=name, judge=judge_spec, questions=s["questions"],
                                 samples_per_question=s["samples_per_question"], max_new_tokens=s["max_new_tokens"],

@@ -212,7 +212,7 @@ def vectors_build(
     if unknown:
         raise PersonavecError(f"--traits: unknown trait(s) {', '.join(unknown)}; built-in: {', '.join(list_traits())}")
     shipped = build_shipped_vectors([m.strip() for m in models.split(",") if m.strip()], names, work, dest,
-                                    force=force)
+                                    force=force, log=log)
     log(f"shipped {len(shipped)} vector(s)")
 
 
