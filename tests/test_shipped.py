@@ -131,3 +131,11 @@ def test_shipped_smollm2_vectors_match_the_packaged_weights(smollm):
         if v.model == MODEL:
             assert PersonaVector.load(v.path).fingerprint == fingerprint
             assert torch.isfinite(PersonaVector.load(v.path).vectors).all()
+
+
+def test_vectors_build_refuses_bad_flags_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(shipped, "build_shipped_vectors", lambda *a, **k: pytest.fail("the build started"))
+    (tmp_path / "file").write_text("x")
+    for args, needle in ((["--models", "foo"], "--models 'foo'"), (["--traits", "nosuch"], "--traits"),
+                         (["--work", tmp_path / "file"], "--work"), (["--dest", tmp_path / "file"], "--dest")):
+        assert_user_error(*run_cli(capsys, "vectors", "build", *args), needle)

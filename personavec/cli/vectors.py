@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (chat_output, command_vector, console, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
+from .common import (chat_output, command_vector, console, run_folder, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
                      output_file, positive_int, vector_layer)
 from ..shipped import BUILD_MODELS
 
@@ -211,8 +211,16 @@ def vectors_build(
     unknown = [t for t in names if t not in list_traits()]
     if unknown:
         raise PersonavecError(f"--traits: unknown trait(s) {', '.join(unknown)}; built-in: {', '.join(list_traits())}")
-    shipped = build_shipped_vectors([m.strip() for m in models.split(",") if m.strip()], names, work, dest,
-                                    force=force, log=log)
+    from ..models import PACKAGED
+
+    model_names = [m.strip() for m in models.split(",") if m.strip()]
+    # Shipped vectors are found by packaged short name: anything else is refused before the judge loads.
+    not_packaged = [m for m in model_names if m not in PACKAGED]
+    if not model_names or not_packaged:
+        raise PersonavecError(f"--models {models!r}: give packaged short names ({', '.join(PACKAGED)})")
+    run_folder(work, "--work")
+    run_folder(dest, "--dest")
+    shipped = build_shipped_vectors(model_names, names, work, dest, force=force, log=log)
     log(f"shipped {len(shipped)} vector(s)")
 
 
