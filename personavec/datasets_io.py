@@ -244,12 +244,21 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def union_keys(rows: Iterable[dict], skip=()) -> list[str]:
+    """Every key of any row, in the order first seen (missing values become nulls), less `skip`."""
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return [k for k in keys if k not in set(skip)]
+
+
 def arrow_table(rows: list[dict], schema=None):
     """Rows as a pyarrow Table: the input's columns with their types (`schema`), then the added columns, inferred."""
     pa = need("pyarrow", "writing Parquet")
-    if schema is None or not rows:
+    if not rows:
         return pa.Table.from_pylist(rows, schema=schema)
-    added = [k for k in rows[0] if k not in schema.names]
+    if schema is None:  # pyarrow takes the first row's keys only; a key first seen later must not be dropped
+        keys = union_keys(rows)
+        return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    added = union_keys(rows, skip=schema.names)
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     if added:
         extra = pa.Table.from_pylist([{k: r.get(k) for k in added} for r in rows])
@@ -286,19 +295,20 @@ def write_chats(path: str | Path, rows: Iterable[dict], like: list | None = None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        base, added, extra_rows = tmp / "base.arrow", None, []
+        base, extra_rows, n_rows = tmp / "base.arrow", [], 0
         with pa.OSFile(str(base), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             it = iter(rows)
+            names = set(schema.names)
             while chunk := list(itertools.islice(it, CHUNK_ROWS)):
-                if added is None:
-                    added = [k for k in chunk[0] if k not in schema.names]
                 writer.write_table(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in chunk],
                                                         schema=schema))
-                extra_rows += [{k: r.get(k) for k in added} for r in chunk]
-        if added is None:  # no rows
+                extra_rows += [{k: v for k, v in r.items() if k not in names} for r in chunk]
+                n_rows += len(chunk)
+        if not n_rows:
             return _write_table(path, fmt, pa.Table.from_pylist([], schema=schema))
-        # the added columns' types from all their values at once, exactly as `arrow_table` infers them
-        extra = pa.Table.from_pylist(extra_rows) if added else None
+        # the added columns (any row's) with their types from all their values at once, as `arrow_table` infers them
+        added = union_keys(extra_rows)
+        extra = pa.Table.from_pylist([{k: r.get(k) for k in added} for r in extra_rows]) if added else None
         out_schema = schema
         for name in added:
             out_schema = out_schema.append(pa.field(name, extra.schema.field(name).type))

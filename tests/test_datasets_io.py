@@ -169,3 +169,20 @@ def test_monitor_and_screen_read_and_write_parquet_and_datasets_without_ray(tiny
     code, _, err = run_cli(capsys, "monitor", "--model", tiny_folder, "--vector", vector_path, "--input",
                            tmp_path / "d.parquet", "--output", tmp_path / "plain")
     assert code == 2 and f"--output {tmp_path / 'plain'}: is a folder" in err
+
+
+@pytest.mark.parametrize("typed", [False, True])
+def test_a_key_only_later_rows_have_is_kept_in_parquet(tmp_path, typed):
+    """JSONL rows are sparse; pyarrow's from_pylist alone keeps only the first row's keys."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    src = [{"messages": chat, "id": 0}, {"messages": chat, "id": 1, "meta": {"source": "web"}},
+           {"messages": chat, "id": 2, "late": 3.5}]
+    like = None
+    if typed:  # the streaming path: input column types known, every other key added
+        pq.write_table(pa.Table.from_pylist([{"messages": chat, "id": i} for i in range(3)]), tmp_path / "in.parquet")
+        like = read_chats(tmp_path / "in.parquet")
+    write_chats(tmp_path / "out.parquet", src, like=like)
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.schema.names == ["messages", "id", "meta", "late"]
+    assert out.column("meta").to_pylist() == [None, {"source": "web"}, None]
+    assert out.column("late").to_pylist() == [None, None, 3.5]
