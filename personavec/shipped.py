@@ -97,10 +97,29 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _is_current(folder: Path, trait: str, judge_spec: str, fingerprint: str) -> bool:
+    """A shipped vector made with today's settings and judge, on these weights."""
+    from .vectors import PersonaVector
+
+    summary, vector = folder / f"{trait}.json", folder / f"{trait}.safetensors"
+    if not (summary.exists() and vector.exists()):
+        return False
+    try:
+        record = json.loads(summary.read_text(encoding="utf-8"))
+        made_on = PersonaVector.load(vector).fingerprint
+    except (ValueError, OSError, PersonavecError):
+        return False  # unreadable: made again
+    return record.get("settings") == BUILD_SETTINGS and record.get("judge") == judge_spec and made_on == fingerprint
+
+
 def build_shipped_vectors(models: list[str], traits: list[str], work: Path, root: Path | None = None,
-                          judge_spec: str = BUILD_JUDGE, force: bool = False, log=_stderr) -> list[Path]:
+                          judge_spec: str = BUILD_JUDGE, force: bool = False, log=_stderr,
+                          rebuild: bool = False) -> list[Path]:
     """Extract every (model, trait) with the default judge into `work/<model>/<trait>/`, resuming finished and
-    half-finished runs, then copy each vector and its summary into the package. Returns the shipped files."""
+    half-finished runs, then copy each vector and its summary into the package. Returns the shipped files.
+
+    A vector already in `root` with today's `BUILD_SETTINGS`, the same judge and the packaged weights' fingerprint
+    is kept as it is (its run folder may be long gone), unless `rebuild`."""
     from .backends import load_backend
     from .calibration import plan_judging
     from .judge import make_judge
@@ -110,11 +129,21 @@ def build_shipped_vectors(models: list[str], traits: list[str], work: Path, root
 
     root = root or shipped_root()
     s = BUILD_SETTINGS
-    judge = make_judge(judge_spec)
-    shipped = []
+    judge, shipped = None, []
     for model in models:
+        todo = traits
+        if not rebuild:  # after a lost `work` folder, only what is missing or stale is made again
+            fingerprint = packaged_fingerprint(model)
+            todo = [name for name in traits if not _is_current(root / model, name, judge_spec, fingerprint)]
+            for name in traits:
+                if name not in todo:
+                    log(f"== {model} / {name}: up to date in {root / model} (same settings, judge and weights; "
+                        "--rebuild makes it again)")
+        if not todo:
+            continue
+        judge = judge or make_judge(judge_spec)  # loaded only when something is built
         backend = load_backend(model, "hf")
-        for name in traits:
+        for name in todo:
             trait = load_trait(name)
             log(f"== {model} / {name}")
             plan = plan_judging(judge, trait, calibrate_self=True)

@@ -139,3 +139,37 @@ def test_vectors_build_refuses_bad_flags_before_loading_anything(tmp_path, capsy
     for args, needle in ((["--models", "foo"], "--models 'foo'"), (["--traits", "nosuch"], "--traits"),
                          (["--work", tmp_path / "file"], "--work"), (["--dest", tmp_path / "file"], "--dest")):
         assert_user_error(*run_cli(capsys, "vectors", "build", *args), needle)
+
+
+def test_vectors_build_keeps_current_vectors_and_remakes_stale_ones(fake_root, tmp_path, monkeypatch):
+    """A lost run folder does not cost a rebuild: a vector with today's settings, judge and weights is kept."""
+    import personavec.backends as backends
+    import personavec.judge as judge
+
+    class Built(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Built()
+
+    monkeypatch.setattr(judge, "make_judge", refuse)
+    monkeypatch.setattr(backends, "load_backend", refuse)
+    record = {"layer": 3, "judge": shipped.BUILD_JUDGE, "settings": dict(shipped.BUILD_SETTINGS)}
+    (fake_root / MODEL / "optimistic.json").write_text(json.dumps(record))
+    lines = []
+    built = shipped.build_shipped_vectors([MODEL], ["optimistic"], tmp_path / "work", fake_root, log=lines.append)
+    assert built == [] and "up to date" in lines[0] and "--rebuild" in lines[0]
+    with pytest.raises(Built):  # --rebuild makes it again
+        shipped.build_shipped_vectors([MODEL], ["optimistic"], tmp_path / "work", fake_root, rebuild=True)
+    for stale in ({**record, "settings": {**record["settings"], "questions": 20}}, {**record, "judge": "openai:x"}):
+        (fake_root / MODEL / "optimistic.json").write_text(json.dumps(stale))
+        with pytest.raises(Built):
+            shipped.build_shipped_vectors([MODEL], ["optimistic"], tmp_path / "work", fake_root, log=lines.append)
+    (fake_root / MODEL / "optimistic.json").write_text(json.dumps(record))
+    with pytest.raises(Built):  # another model's weights
+        vector = PersonaVector.load(fake_root / MODEL / "optimistic.safetensors")
+        vector.fingerprint = "0123456789abcdef"
+        vector.save(fake_root / MODEL / "optimistic.safetensors")
+        shipped.build_shipped_vectors([MODEL], ["optimistic"], tmp_path / "work", fake_root, log=lines.append)
+    with pytest.raises(Built):  # a missing trait is made
+        shipped.build_shipped_vectors([MODEL], ["evil"], tmp_path / "work", fake_root, log=lines.append)

@@ -202,8 +202,12 @@ def vectors_build(
     work: Path = typer.Option(Path("runs/vectors"), "--work", help="run folders (resumed when rerun)"),
     dest: Optional[Path] = typer.Option(None, "--dest", help="default: the package's data/vectors folder"),
     force: bool = typer.Option(False, "--force", help="redo runs made with other settings"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="also make again the vectors already in --dest with "
+                                 "today's settings, judge and weights (kept as they are by default)"),
 ) -> None:
-    """Extract the shipped vectors with the default judge (what `make vectors` runs); resumes where it stopped."""
+    """Extract the shipped vectors with the default judge (what `make vectors` runs); resumes where it stopped.
+
+    Vectors already in --dest that were made with today's settings and judge on the packaged weights are kept."""
     from ..shipped import build_shipped_vectors
     from ..traits import list_traits
 
@@ -220,7 +224,7 @@ def vectors_build(
         raise PersonavecError(f"--models {models!r}: give packaged short names ({', '.join(PACKAGED)})")
     run_folder(work, "--work")
     run_folder(dest, "--dest")
-    shipped = build_shipped_vectors(model_names, names, work, dest, force=force, log=log)
+    shipped = build_shipped_vectors(model_names, names, work, dest, force=force, log=log, rebuild=rebuild)
     log(f"shipped {len(shipped)} vector(s)")
 
 
