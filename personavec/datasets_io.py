@@ -246,8 +246,8 @@ def _json_default(value):
 
 def union_keys(rows: Iterable[dict], skip=()) -> list[str]:
     """Every key of any row, in the order first seen (missing values become nulls), less `skip`."""
-    keys = dict.fromkeys(k for row in rows for k in row)
-    return [k for k in keys if k not in set(skip)]
+    keys, skip = dict.fromkeys(k for row in rows for k in row), set(skip)
+    return [k for k in keys if k not in skip]
 
 
 def arrow_table(rows: list[dict], schema=None):

@@ -97,16 +97,15 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _is_current(folder: Path, trait: str, judge_spec: str, fingerprint: str) -> bool:
+def _is_current(entry: ShippedVector, judge_spec: str, fingerprint: str) -> bool:
     """A shipped vector made with today's settings and judge, on these weights."""
     from .vectors import PersonaVector
 
-    summary, vector = folder / f"{trait}.json", folder / f"{trait}.safetensors"
-    if not (summary.exists() and vector.exists()):
+    if not (entry.path.exists() and entry.summary_path.exists()):
         return False
     try:
-        record = json.loads(summary.read_text(encoding="utf-8"))
-        made_on = PersonaVector.load(vector).fingerprint
+        record = entry.summary()
+        made_on = PersonaVector.load(entry.path).fingerprint
     except (ValueError, OSError, PersonavecError):
         return False  # unreadable: made again
     return record.get("settings") == BUILD_SETTINGS and record.get("judge") == judge_spec and made_on == fingerprint
@@ -134,7 +133,8 @@ def build_shipped_vectors(models: list[str], traits: list[str], work: Path, root
         todo = traits
         if not rebuild:  # after a lost `work` folder, only what is missing or stale is made again
             fingerprint = packaged_fingerprint(model)
-            todo = [name for name in traits if not _is_current(root / model, name, judge_spec, fingerprint)]
+            todo = [name for name in traits if not _is_current(
+                ShippedVector(model, name, root / model / f"{name}.safetensors"), judge_spec, fingerprint)]
             for name in traits:
                 if name not in todo:
                     log(f"== {model} / {name}: up to date in {root / model} (same settings, judge and weights; "
