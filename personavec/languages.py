@@ -49,6 +49,10 @@ class Language:
     assistant_word: str  # stripped when the author writes "optimistic assistant" as the adjective
     chatter: tuple[str, ...] = ()  # openers of an author's preamble ("Here are ..."), lowercase regex pieces
     sep: str = " "  # between the frame and the instruction: none after "。" in Japanese and Chinese
+    # extract --recipe registers: written forms added to *both* sides of a pair, so that the pos - neg difference
+    # cannot be a register; kept apart from the registers of benchmarks/data/generalisation (emotional, terse,
+    # marketing, formal), which must stay unseen
+    registers: tuple[str, ...] = ()
 
     def pos_system(self, article: str, adjective: str, instruction: str) -> str:
         return f"{_fill(self.pos_frame, article=article, adjective=adjective)}{self.sep}{instruction}"
@@ -190,7 +194,10 @@ LANGUAGES: dict[str, Language] = {
         ("not {adjective} at all, or the opposite of {adjective}.",
          "noticeably {adjective} in parts, mixed with a neutral or opposite tone.",
          "strongly and consistently {adjective} throughout."),
-        "lowercase", "assistant"),
+        "lowercase", "assistant",
+        registers=("Write it as a short letter to a friend.", "Answer as a list of three bullet points.",
+                   "Use simple words, as if explaining to a child.", "Write it like a newspaper reporter.",
+                   "Answer like a radio host talking to listeners.")),
     "ja": Language(
         "ja", "Japanese", "日本語",
         "あなたは{adjective}アシスタントです。", "あなたは役に立つアシスタントです。",

@@ -290,3 +290,11 @@ def test_models_list_downloads_nothing(capsys, tmp_path, monkeypatch):
         assert name in out
     assert "smollm2-135m" in out and "(approx)" in out
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").rglob("*"))
+
+
+def test_extract_refuses_an_unknown_recipe_before_loading_anything(capsys, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(capsys, "extract", "--model", tmp_path / "no-such-model", "--trait", "optimistic", "--judge",
+                     "none", "--out", out, "--recipe", "stylish")
+    assert_user_error(*result, "--recipe stylish", "paper, registers")
+    assert not out.exists()

@@ -1,6 +1,7 @@
 """extract / evaluate on a tiny random model: resume, pair filtering, layer choice, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,44 @@ def test_evaluate_reports_a_prompting_baseline(tiny_folder, tiny_lm, tmp_path):
     assert [r["answer"] for r in pos] == generate(model, tok, chats, max_new_tokens=3, show_progress=False)
     assert not any(r.get("condition") == "no_instruction" for r in rows)  # coef 0 is the no-instruction answer
     assert "Prompting baseline" in (tmp_path / "e" / "report.html").read_text()
+
+
+def test_registers_recipe_gives_both_sides_of_a_pair_the_same_register(tiny_folder, tiny_lm, tmp_path):
+    from personavec.languages import get_language
+    from personavec.pipeline.extract import extraction_items
+
+    trait = load_trait("optimistic")
+    registers = get_language("en").registers
+    paper = extraction_items(trait, 3, 2)
+    varied = extraction_items(trait, 3, 2, "registers")
+    assert [it["id"] for it in paper] == [it["id"] for it in varied]
+    by_pair: dict[str, set] = {}
+    for plain, item in zip(paper, varied):
+        assert "register" not in plain
+        assert item["system"] == f"{plain['system']} {item['register']}"
+        expected = registers[(item["instruction"] + item["question_index"] + item["sample"]) % len(registers)]
+        assert item["register"] == expected
+        by_pair.setdefault(item["pair"], set()).add(item["register"])
+    assert all(len(found) == 1 for found in by_pair.values())
+    assert {it["register"] for it in varied} == set(registers)  # 30 pairs cycle through all of them
+
+    # the recipe is part of the run: a paper run's folder is not resumed as a registers run
+    model, tok = tiny_lm
+    run_extract(cfg_for(tiny_folder), trait, model, tok, None, tmp_path / "run")
+    assert "recipe" not in json.loads((tmp_path / "run" / "config.json").read_text())  # old runs stay resumable
+    with pytest.raises(PersonavecError, match="config differs in: recipe"):
+        run_extract(cfg_for(tiny_folder, recipe="registers"), trait, model, tok, None, tmp_path / "run")
+    result = run_extract(cfg_for(tiny_folder, recipe="registers"), trait, model, tok, None, tmp_path / "reg")
+    rows = [json.loads(line) for line in (tmp_path / "reg" / "responses.jsonl").read_text().splitlines()]
+    assert result.summary["recipe"] == "registers" and all(r["register"] in registers for r in rows)
+
+
+def test_unknown_recipe_and_a_language_without_registers_are_refused():
+    from personavec.pipeline.extract import extraction_items
+
+    with pytest.raises(PersonavecError, match="recipe=style: unknown recipe"):
+        extraction_items(load_trait("optimistic"), 2, 1, "style")
+    japanese = load_trait(str(Path(__file__).resolve().parent.parent / "personavec/data/multilingual/optimistic.ja.json"))
+    with pytest.raises(PersonavecError, match="no register phrases for language 'ja'"):
+        extraction_items(japanese, 2, 1, "registers")
+    assert extraction_items(japanese, 2, 1)  # the paper recipe works in every language

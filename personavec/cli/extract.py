@@ -54,6 +54,8 @@ def extract_cmd(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
+    recipe: str = typer.Option("paper", "--recipe", help="paper (the paper's instruction pairs) | registers (each "
+                               "pair also asks for one written form, the same on both sides)"),
     check: Optional[list[Path]] = typer.Option(None, "--check", metavar="FILE", help="labelled chat JSONL (\"label\": 1 shows the "
                                                "trait, 0 does not; repeat for more): AUROC of the new vector's "
                                                "readings per layer, in summary.json under \"checks\" and the report"),
@@ -66,13 +68,14 @@ def extract_cmd(
     """
     from ..judge import make_judge, parse_spec
     from ..pipeline.check import read_check_files
-    from ..pipeline.extract import ExtractConfig, run_extract
+    from ..pipeline.extract import ExtractConfig, check_recipe, run_extract
     from ..traits import load_trait
 
     run_folder(out, "--out")
     candidate_layers = int_list(layers, "--layers") if layers else None
     checks = read_check_files(check)  # a bad check file is refused before any model loads
     trait = load_trait(trait_name)
+    check_recipe(recipe, trait)
     parse_spec(judge_spec)
     _check_calibration(calibration)
     if scheme is not None and scheme != "score100":
@@ -91,7 +94,7 @@ def extract_cmd(
         neg_threshold=threshold if neg_threshold is None else neg_threshold,
         coherence_threshold=coherence_threshold,
         candidate_layers=candidate_layers,
-        sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype, judge_scheme=chosen)
+        sweep_coef=sweep_coef, sweep_questions=sweep_questions, dtype=dtype, judge_scheme=chosen, recipe=recipe)
     if pos_threshold is not None or neg_threshold is not None:
         log(f"thresholds: pos {cfg.pos_threshold:.1f}, neg {cfg.neg_threshold:.1f} (flags), scheme {chosen}")
     result = run_extract(cfg, trait, lm, tokenizer, judge, out, force=force, judge_calibration=calib, checks=checks)

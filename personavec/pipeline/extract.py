@@ -25,6 +25,7 @@ import torch
 from ..activations import capture
 from ..chat import user_chat, write_jsonl
 from ..errors import PersonavecError, arg
+from ..languages import get_language
 from ..backends import as_backend
 from ..progress import progress_bar
 from ..runs import RunDir, config_dict
@@ -52,29 +53,59 @@ class ExtractConfig:
     sweep_questions: int = 5
     dtype: str = "auto"
     judge_scheme: str = "score100"  # how trait scores are read (judge.scoring.SCHEMES)
+    recipe: str = "paper"  # RECIPES
     resume_keys: tuple = field(default=("batch_size",), repr=False)
 
     def as_config(self) -> dict:
-        return config_dict(self)
+        data = config_dict(self)
+        if data["recipe"] == "paper":  # runs made before recipes existed stay resumable
+            del data["recipe"]
+        return data
 
 
-def extraction_items(trait: Trait, n_questions: int | None, samples: int) -> list[dict]:
-    """Every (polarity, instruction, question, sample) with its pair id and system prompt."""
+RECIPES = {
+    "paper": "the paper's: each instruction pair as written",
+    "registers": "each pair also asks for one written form (a letter, bullet points, ...), the same on both sides, "
+                 "cycling over the pairs, so the vector cannot learn the form of the extraction answers",
+}
+
+
+def check_recipe(recipe: str, trait: Trait | None = None) -> str:
+    if recipe not in RECIPES:
+        raise PersonavecError(f"{arg('recipe', recipe)}: unknown recipe; use one of {', '.join(RECIPES)}")
+    if recipe == "registers" and trait is not None:
+        if not get_language(trait.language).registers:
+            raise PersonavecError(f"{arg('recipe', recipe)}: no register phrases for language {trait.language!r} "
+                                  "(personavec/languages.py); use the paper recipe")
+    return recipe
+
+
+def extraction_items(trait: Trait, n_questions: int | None, samples: int, recipe: str = "paper") -> list[dict]:
+    """Every (polarity, instruction, question, sample) with its pair id and system prompt; with the `registers`
+    recipe both prompts of pair (i, q, s) end with register (i + q + s) mod R of the trait's language."""
     if n_questions is not None and n_questions < 1:
         raise PersonavecError(f"{arg('questions', n_questions)}: give at least 1 (or None for all "
                               f"{len(trait.extract_questions)})")
     if samples < 1:
         raise PersonavecError(f"{arg('samples_per_question', samples)}: give at least 1")
+    check_recipe(recipe, trait)
     questions = trait.extract_questions[: n_questions or len(trait.extract_questions)]
+    language = get_language(trait.language)
+    registers = language.registers if recipe == "registers" else ()
     items = []
     for i in range(len(trait.instructions)):
         for q, question in enumerate(questions):
             for s in range(samples):
                 pair = f"i{i}-q{q}-s{s}"
+                register = registers[(i + q + s) % len(registers)] if registers else None
                 for polarity in ("pos", "neg"):
-                    items.append({"id": f"{polarity}-{pair}", "pair": pair, "polarity": polarity, "instruction": i,
-                                  "question_index": q, "sample": s, "system": trait.system_prompt(i, polarity),
-                                  "question": question})
+                    system = trait.system_prompt(i, polarity)
+                    item = {"id": f"{polarity}-{pair}", "pair": pair, "polarity": polarity, "instruction": i,
+                            "question_index": q, "sample": s, "system": system, "question": question}
+                    if register is not None:
+                        item["system"] = f"{system}{language.sep}{register}"
+                        item["register"] = register
+                    items.append(item)
     return items
 
 
@@ -239,7 +270,7 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
     total = as_backend(model).n_layers
     candidates = check_candidate_layers(cfg.candidate_layers, total) if cfg.candidate_layers else \
         default_candidates(total)
-    items = extraction_items(trait, cfg.questions, cfg.samples_per_question)  # checks the counts
+    items = extraction_items(trait, cfg.questions, cfg.samples_per_question, cfg.recipe)  # checks the counts
     run = RunDir(out, {"command": "extract", **cfg.as_config()}, force=force, resume_keys=cfg.resume_keys)
     torch.manual_seed(cfg.seed)
     rows = generate_missing(run, "responses.jsonl", model, tokenizer, items, lambda it: item_chat(it, False), cfg)
@@ -272,7 +303,7 @@ def run_extract(cfg: ExtractConfig, trait: Trait, model, tokenizer, judge, out: 
                                                                "coherence": cfg.coherence_threshold}, "judge": cfg.judge})
     vector.save(run.file("vectors.safetensors"))
 
-    summary = {"trait": trait.name, "model": cfg.model, "judge": cfg.judge, "judge_scheme": cfg.judge_scheme, "judged": judged, "layer": layer,
+    summary = {"trait": trait.name, "model": cfg.model, "judge": cfg.judge, "judge_scheme": cfg.judge_scheme, "recipe": cfg.recipe, "judged": judged, "layer": layer,
                "coef": cfg.sweep_coef, "coef_mode": "norm", "layer_method": method, "counts": counts,
                "n_pos": vector.n_pos, "n_neg": vector.n_neg, "separation_by_layer": separations, "layer_sweep": sweep_table,
                "judge_calibration": judge_calibration}
