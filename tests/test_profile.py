@@ -1,6 +1,7 @@
 """`profile`: readings against an independent forward, the 0..1 scale, self-comparison, the CLI contract."""
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import _tiny
 
 from personavec.chat import encode_chat
 from personavec.errors import PersonavecError
+from personavec.judge import Judge
 from personavec.generate import generate
 from personavec.pipeline.profile import ProfileConfig, read_model, summarise
 from personavec.traits import load_trait
@@ -109,15 +111,28 @@ def test_profile_cli_contract_and_bad_input(tiny_folder, tmp_path, capsys):
     assert code == 2 and "adapter does not fit" in err
 
 
-def test_cross_trait_effects_equal_separate_steered_runs(tiny_llama):
+class HashJudge(Judge):
+    """Scores a prompt by a hash of it, so different answers get different scores."""
+
+    spec, identity = "test:hash", "v1"
+
+    def _compute(self, prompts, done):
+        for prompt in prompts:
+            done(prompt, {"expected": float(zlib.crc32(prompt.encode()) % 101), "mass": 1.0, "refused": False})
+
+
+def test_cross_trait_effects_equal_separate_steered_runs(tiny_llama, tmp_path):
     from personavec.activations import capture
+    from personavec.judge import judge_answers
     from personavec.pipeline.profile import cross_traits
     from personavec.steering import add_vectors
 
     model, tok = tiny_llama
     traits = {name: (load_trait(name), tiny_vector(name, layer, seed))
               for name, layer, seed in (("optimistic", 2, 0), ("evil", 3, 1))}
-    cross = cross_traits(model, tok, traits, ["optimistic"], questions=2, max_new_tokens=4, show_progress=False)
+    judge = HashJudge(cache=tmp_path / "judge.sqlite")
+    cross = cross_traits(model, tok, traits, ["optimistic"], questions=2, max_new_tokens=4, show_progress=False,
+                         judge=judge)
     questions = list(dict.fromkeys(q for t, _ in traits.values() for q in t.eval_questions[:2]))
     chats = [[{"role": "user", "content": q}] for q in questions]
 
@@ -131,8 +146,22 @@ def test_cross_trait_effects_equal_separate_steered_runs(tiny_llama):
     steering = traits["optimistic"][1]
     with add_vectors(model, {2: steering.delta(2, 0.5, "norm")}):
         steered = generate(model, tok, chats, max_new_tokens=4, show_progress=False)
-    for name, (_, vector) in traits.items():
+    for name, (trait, vector) in traits.items():
         expected = mean_reading(steered, vector) - mean_reading(plain, vector)
         assert cross["effect"]["optimistic"][name] == pytest.approx(expected, abs=1e-4)
+
+        # judged: T's score on the answers to T's own questions, steered minus unsteered
+        def judged(answers):
+            own = [(q, answers[questions.index(q)] or " ") for q in trait.eval_questions[:2]]
+            scores = [s["trait_score"] for s in judge_answers(judge, trait, own, coherence=False)]
+            return sum(scores) / len(scores)
+        assert cross["judged_effect"]["optimistic"][name] == pytest.approx(judged(steered) - judged(plain))
+        assert cross["judged_unsteered"][name] == pytest.approx(judged(plain))
+    assert plain != steered and any(cross["judged_effect"]["optimistic"][n] != 0 for n in traits)
+    from personavec.pipeline.profile import _heatmaps
+
+    cross["judged_effect"]["optimistic"]["evil"] = None  # a trait the judge could not score is drawn as n/a
+    titles = [ax.get_title() for ax in _heatmaps(cross).axes]
+    assert any("judged" in t for t in titles) and any("cosine" in t for t in titles)
     assert cross["cosine"]["evil"]["evil"] == pytest.approx(1.0)
     assert cross["steered"]["optimistic"] == {"coef": 0.5, "coef_mode": "norm", "layer": 2}

@@ -90,11 +90,15 @@ def read_model(model, tokenizer, traits: dict[str, tuple[Trait, PersonaVector]],
 
 def cross_traits(model, tokenizer, traits: dict[str, tuple[Trait, PersonaVector]], steer: list[str],
                  questions: int | None = 5, max_new_tokens: int = 64, batch_size: int = 16, coef: float | None = None,
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True, judge=None) -> dict:
     """Steer each trait in `steer` at its recommended coefficient (the file's, else 0.5 norm-relative) and read every
     trait on the answers: `effect[S][T]` is T's mean response reading under S's steering minus unsteered (on the
     0..1 scale where T's vector records it). All steerings go out in one batch, one row each. Also the cosine of
-    every pair of trait vectors, each at its own layer."""
+    every pair of trait vectors, each at its own layer.
+
+    With a judge, `judged_effect[S][T]` is the same difference of T's judged score (0-100), on the answers to T's
+    own evaluation questions only (T's questions are the ones written to show T; judging every answer for every
+    trait would cost traits x more calls)."""
     from ..backends.base import Steering
 
     backend = as_backend(model, tokenizer)
@@ -137,9 +141,29 @@ def cross_traits(model, tokenizer, traits: dict[str, tuple[Trait, PersonaVector]
     effect = {s: {t: means[(s, t)] - means[(None, t)] for t in names} for s in steer}
     cosine = {a: {b: float(unit(traits[a][1].vectors[traits[a][1].layer]) @ unit(traits[b][1].vectors[traits[b][1].layer]))
                   for b in names} for a in names}
-    return {"steered": used, "questions": len(asked), "effect": effect, "cosine": cosine,
-            "unsteered": {t: means[(None, t)] for t in names},
-            "scale": {t: "0..1" if traits[t][1].scale_at() is not None else "raw" for t in names}}
+    out = {"steered": used, "questions": len(asked), "effect": effect, "cosine": cosine,
+           "unsteered": {t: means[(None, t)] for t in names},
+           "scale": {t: "0..1" if traits[t][1].scale_at() is not None else "raw" for t in names}}
+    if judge is not None:
+        scores = _judged_means(judge, traits, conditions, asked, answers, questions)
+        out["judged_effect"] = {s: {t: None if scores[(s, t)] is None or scores[(None, t)] is None
+                                    else scores[(s, t)] - scores[(None, t)] for t in names} for s in steer}
+        out["judged_unsteered"] = {t: scores[(None, t)] for t in names}
+    return out
+
+
+def _judged_means(judge, traits, conditions, asked, answers, questions) -> dict:
+    """(condition, trait) -> mean judged trait score of that condition's answers to the trait's own questions."""
+    from ..judge import judge_answers
+
+    n, means = len(asked), {}
+    for k, condition in enumerate(conditions):
+        for name, (trait, _) in traits.items():
+            own = [(q, answers[k * n + asked.index(q)] or " ") for q in trait.eval_questions[:questions]]
+            kept = [s["trait_score"] for s in judge_answers(judge, trait, own, coherence=False)
+                    if s.get("trait_score") is not None]
+            means[(condition, name)] = sum(kept) / len(kept) if kept else None
+    return means
 
 
 def _summary(values: list, n: int, seed: int) -> dict | None:
@@ -234,7 +258,7 @@ def run_profile(cfg: ProfileConfig, traits: dict[str, tuple[Trait, PersonaVector
         summary["by"] = profile_breakdown(first, by, cfg, compared)
     if steer:
         summary["cross_traits"] = cross_traits(model, tokenizer, traits, steer, cfg.questions or 5, cfg.max_new_tokens,
-                                               cfg.batch_size)
+                                               cfg.batch_size, judge=judge)
     run.write_json("summary.json", summary)
     _write_report(run.file("report.html"), summary)
     return summary
@@ -298,17 +322,23 @@ def _heatmaps(cross: dict):
     import matplotlib.pyplot as plt
 
     steered, names = list(cross["effect"]), list(cross["cosine"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * max(len(names), 4) + 1.5))
-    effect = [[cross["effect"][s][t] for t in names] for s in steered]
-    span = max((abs(v) for row in effect for v in row), default=1.0) or 1.0
-    image = left.imshow(effect, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
-    left.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    left.set_yticks(range(len(steered)), [f"steer {s}" for s in steered])
-    left.set_title("reading change (steered - unsteered)", fontsize=10)
-    for i, row in enumerate(effect):
-        for j, v in enumerate(row):
-            left.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(image, ax=left, shrink=0.8)
+    panels = [("effect", "reading change (steered - unsteered)", "{:+.2f}")]
+    if cross.get("judged_effect"):
+        panels.append(("judged_effect", "judged score change (0-100, own questions)", "{:+.0f}"))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 0.5 * max(len(names), 4) + 1.5))
+    for left, (key, title, fmt) in zip(axes, panels):
+        effect = [[cross[key][s][t] for t in names] for s in steered]
+        shown = [[float("nan") if v is None else v for v in row] for row in effect]
+        span = max((abs(v) for row in effect for v in row if v is not None), default=1.0) or 1.0
+        image = left.imshow(shown, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+        left.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        left.set_yticks(range(len(steered)), [f"steer {s}" for s in steered])
+        left.set_title(title, fontsize=10)
+        for i, row in enumerate(effect):
+            for j, v in enumerate(row):
+                left.text(j, i, "n/a" if v is None else fmt.format(v), ha="center", va="center", fontsize=7)
+        fig.colorbar(image, ax=left, shrink=0.8)
+    right = axes[-1]
     cos = [[cross["cosine"][a][b] for b in names] for a in names]
     image = right.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     right.set_xticks(range(len(names)), names, rotation=45, ha="right")
