@@ -103,8 +103,7 @@ def extraction_items(trait: Trait, n_questions: int | None, samples: int, recipe
                     item = {"id": f"{polarity}-{pair}", "pair": pair, "polarity": polarity, "instruction": i,
                             "question_index": q, "sample": s, "system": system, "question": question}
                     if register is not None:
-                        item["system"] = f"{system}{language.sep}{register}"
-                        item["register"] = register
+                        item.update(system=f"{system}{language.sep}{register}", register=register)
                     items.append(item)
     return items
 

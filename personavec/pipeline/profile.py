@@ -156,12 +156,13 @@ def _judged_means(judge, traits, conditions, asked, answers, questions) -> dict:
     """(condition, trait) -> mean judged trait score of that condition's answers to the trait's own questions."""
     from ..judge import judge_answers
 
-    n, means = len(asked), {}
-    for k, condition in enumerate(conditions):
-        for name, (trait, _) in traits.items():
-            own = [(q, answers[k * n + asked.index(q)] or " ") for q in trait.eval_questions[:questions]]
-            kept = [s["trait_score"] for s in judge_answers(judge, trait, own, coherence=False)
-                    if s.get("trait_score") is not None]
+    n, row_of, means = len(asked), {q: i for i, q in enumerate(asked)}, {}
+    for name, (trait, _) in traits.items():  # one judge call per trait, every condition in it, so the judge batches
+        own = trait.eval_questions[:questions]
+        items = [(q, answers[k * n + row_of[q]] or " ") for k in range(len(conditions)) for q in own]
+        scores = judge_answers(judge, trait, items, coherence=False)
+        for k, condition in enumerate(conditions):
+            kept = [s["trait_score"] for s in scores[k * len(own):(k + 1) * len(own)] if s.get("trait_score") is not None]
             means[(condition, name)] = sum(kept) / len(kept) if kept else None
     return means
 
@@ -326,18 +327,18 @@ def _heatmaps(cross: dict):
     if cross.get("judged_effect"):
         panels.append(("judged_effect", "judged score change (0-100, own questions)", "{:+.0f}"))
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 0.5 * max(len(names), 4) + 1.5))
-    for left, (key, title, fmt) in zip(axes, panels):
+    for ax, (key, title, fmt) in zip(axes, panels):
         effect = [[cross[key][s][t] for t in names] for s in steered]
         shown = [[float("nan") if v is None else v for v in row] for row in effect]
         span = max((abs(v) for row in effect for v in row if v is not None), default=1.0) or 1.0
-        image = left.imshow(shown, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
-        left.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        left.set_yticks(range(len(steered)), [f"steer {s}" for s in steered])
-        left.set_title(title, fontsize=10)
+        image = ax.imshow(shown, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(steered)), [f"steer {s}" for s in steered])
+        ax.set_title(title, fontsize=10)
         for i, row in enumerate(effect):
             for j, v in enumerate(row):
-                left.text(j, i, "n/a" if v is None else fmt.format(v), ha="center", va="center", fontsize=7)
-        fig.colorbar(image, ax=left, shrink=0.8)
+                ax.text(j, i, "n/a" if v is None else fmt.format(v), ha="center", va="center", fontsize=7)
+        fig.colorbar(image, ax=ax, shrink=0.8)
     right = axes[-1]
     cos = [[cross["cosine"][a][b] for b in names] for a in names]
     image = right.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
