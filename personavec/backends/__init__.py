@@ -17,9 +17,17 @@ from .base import POSITIONS, STEER_POSITIONS, Activations, Backend, Steering, ch
 from .hf import AblationHandle, HFBackend, SteeringHandle
 
 ENGINES = ("hf", "vllm")
+# vLLM settings the CLI sets once for every engine it loads (`--engine-mode`, `--max-steering-slots`); Ray tasks
+# carry a copy to their actors
+ENGINE_OPTIONS: dict = {}
+
+
+def set_engine_options(**options) -> None:
+    """Defaults for every later vLLM engine: `engine_mode`, `max_steering_slots` (None values are ignored)."""
+    ENGINE_OPTIONS.update({k: v for k, v in options.items() if v is not None})
 
 __all__ = ["ENGINES", "POSITIONS", "STEER_POSITIONS", "AblationHandle", "Activations", "Backend", "HFBackend",
-           "Steering", "SteeringHandle", "as_backend", "check_steering", "load_backend", "transformers_model"]
+           "Steering", "SteeringHandle", "as_backend", "check_steering", "load_backend", "set_engine_options", "transformers_model"]
 
 
 def load_backend(spec: str, engine: str = "hf", dtype: str | torch.dtype = "auto", tensor_parallel_size: int = 1,
@@ -35,7 +43,7 @@ def load_backend(spec: str, engine: str = "hf", dtype: str | torch.dtype = "auto
     from .vllm import VllmBackend  # optional: imports vLLM only when asked for
 
     return VllmBackend(spec, dtype=dtype if isinstance(dtype, str) else "auto", tensor_parallel_size=tensor_parallel_size,
-                       trust_remote_code=trust_remote_code, **engine_kwargs)
+                       trust_remote_code=trust_remote_code, **{**ENGINE_OPTIONS, **engine_kwargs})
 
 
 def as_backend(model, tokenizer=None) -> Backend:

@@ -35,6 +35,11 @@ from ..models import folder_fingerprint, resolve, resolve_dtype
 from ..progress import progress_bar
 from .base import (POSITIONS, Activations, Backend, Steering, check_layers, check_positions, check_steering,
                    encode_for_capture)
+from .vllm_compiled import CODE_HASH, CONFIG_KEY, LOAD_FORMAT, CompiledWorker, SlotPool, register_loader
+
+ENGINE_MODES = ("eager", "compiled")
+DEFAULT_ENGINE_MODE = "eager"
+DEFAULT_STEERING_SLOTS = 64
 
 EXTRA_KEY = "personavec"
 INSTALL_HINT = ("--engine vllm needs vLLM: `pip install 'personavec[vllm]'` on a GPU machine, or `make setup-vllm` "
@@ -68,13 +73,18 @@ def _set_environment() -> None:
     os.makedirs(os.environ["VLLM_RPC_BASE_PATH"], exist_ok=True)
 
 
-class WorkerExtension:
+class WorkerExtension(CompiledWorker):
     """Mixed into every vLLM worker (`worker_extension_cls`); the engine drives it by `collective_rpc` name."""
 
     def personavec_install(self) -> int:
         runner = self.model_runner
         model = runner.get_model()
         blocks = _find_layers(model)
+        compiled = getattr(model, "_personavec_state", None)
+        self._pv_mode = "compiled" if compiled is not None else "eager"
+        if compiled is not None:
+            self._pvc_install(compiled)
+            return len(blocks)
         self._pv_blocks = blocks
         self._pv_norm = _find_norm(model)
         self._pv_tables: dict[int, torch.Tensor] = {}  # layer -> [n_specs + 1, hidden] (row 0: nothing)
@@ -140,6 +150,8 @@ class WorkerExtension:
 
     def personavec_set_units(self, units: dict[int, list[list[float]]]) -> int:
         """The unit vectors every reading request is projected on; columns run layer by layer, in layer order."""
+        if self._pv_mode == "compiled":
+            return self._pvc_set_units(units)
         self._pv_units = {int(layer): torch.tensor(rows, dtype=torch.float32) for layer, rows in units.items()}
         self._pv_offsets, column = {}, 0  # a layer's first reading column
         for layer in sorted(self._pv_units):
@@ -149,6 +161,8 @@ class WorkerExtension:
 
     def personavec_take_readings(self, keys: list[str]) -> dict:
         """Per key: the last prompt token's readings, each fed-back token's (by position), and the guards that fired."""
+        if self._pv_mode == "compiled":
+            return self._pvc_take_readings(keys)
         out, drop = {}, []
         for key in keys:
             state = self._pv_reads.pop(key, None)
@@ -395,9 +409,20 @@ class VllmBackend(Backend):
 
     def __init__(self, spec: str, dtype: str = "auto", max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, seed: int = 0, gpu_memory_utilization: float | None = None,
-                 trust_remote_code: bool = False, **llm_kwargs):
+                 trust_remote_code: bool = False, engine_mode: str | None = None,
+                 max_steering_slots: int = DEFAULT_STEERING_SLOTS, steer_layers=None, read_layers=None,
+                 capture_layers=None, read_units: int = 8, capture_rows: int = 64, **llm_kwargs):
+        """`engine_mode`: `eager` (Python hooks, `enforce_eager=True`) or `compiled` (steering and readings are ops
+        of the compiled model; see `vllm_compiled.py`). Compiled only: `max_steering_slots` distinct steerings live
+        at once (more wait), the layers that may be steered / read / captured (None: every layer; fewer layers,
+        fewer ops per step), `read_units` unit vectors per read layer, `capture_rows` chats captured at once."""
         if not vllm_available():
             raise PersonavecError(INSTALL_HINT)
+        engine_mode = engine_mode or DEFAULT_ENGINE_MODE
+        if engine_mode not in ENGINE_MODES:
+            raise PersonavecError(f"--engine-mode {engine_mode!r}: use {' or '.join(ENGINE_MODES)}")
+        if max_steering_slots < 1:
+            raise PersonavecError(f"--max-steering-slots {max_steering_slots}: must be at least 1")
         _set_environment()
         if tensor_parallel_size == 1:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -405,10 +430,21 @@ class VllmBackend(Backend):
         from vllm import LLM
 
         self.spec, self.path = spec, resolve(spec)
-        kwargs = dict(model=self.path, enforce_eager=True, enable_prefix_caching=False, seed=seed,
+        self.engine_mode = engine_mode
+        self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        kwargs = dict(model=self.path, enforce_eager=engine_mode == "eager", enable_prefix_caching=False, seed=seed,
                       tensor_parallel_size=tensor_parallel_size, dtype=_vllm_dtype(dtype),
                       trust_remote_code=trust_remote_code,
                       worker_extension_cls="personavec.backends.vllm.WorkerExtension", **llm_kwargs)
+        if engine_mode == "compiled":
+            text = getattr(self.config, "text_config", None) or self.config
+            every = list(range(int(text.num_hidden_layers) + 1))
+            pick = lambda layers: every if layers is None else sorted({int(x) for x in layers})  # noqa: E731
+            cfg = {"slots": int(max_steering_slots), "read_units": int(read_units), "capture_rows": int(capture_rows),
+                   "steer_layers": pick(steer_layers), "read_layers": [x for x in pick(read_layers) if x > 0],
+                   "capture_layers": pick(capture_layers), "code": CODE_HASH}
+            register_loader()
+            kwargs.update(load_format=LOAD_FORMAT, additional_config={CONFIG_KEY: cfg})
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if gpu_memory_utilization is None and not torch.cuda.is_available():
@@ -420,7 +456,11 @@ class VllmBackend(Backend):
         self.llm = LLM(**kwargs)
         self.check_config()
         self.n_blocks = self.llm.collective_rpc("personavec_install")[0]
-        self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.compiled_layers = None
+        self.slots = None
+        if engine_mode == "compiled":
+            self.compiled_layers = self.llm.collective_rpc("personavec_compiled_layers")[0]
+            self.slots = SlotPool(self._write_slot, self.compiled_layers["slots"])
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -428,13 +468,22 @@ class VllmBackend(Backend):
         self.name_or_path = spec
         self._fingerprint: str | None = None
         self.active: list[Steering] = []  # set by `steer()`; applies to every request
+        self._ids = itertools.count()
+
+    def _write_slot(self, slot: int, deltas: dict) -> None:
+        steerable = set(self.compiled_layers["steer"])
+        missing = sorted(set(deltas) - steerable)
+        if missing:
+            raise PersonavecError(f"layer(s) {missing} cannot be steered: this compiled engine was loaded with "
+                                  f"steer_layers={sorted(steerable)} (or use --engine-mode eager)")
+        self.llm.collective_rpc("personavec_write_slot", args=(slot, deltas))
 
     def check_config(self) -> None:
         config = self.llm.llm_engine.vllm_config
         problems = []
         if config.cache_config.enable_prefix_caching:
             problems.append("prefix caching is on")
-        if not config.model_config.enforce_eager:
+        if self.engine_mode == "eager" and not config.model_config.enforce_eager:
             problems.append("the model is compiled (hooks would be skipped)")
         if getattr(config, "use_v2_model_runner", False):
             problems.append("the V2 model runner is active")
@@ -525,6 +574,13 @@ class VllmBackend(Backend):
 
         steerings = steerings if steerings is not None else [None] * len(chats)
         merged = [_merge(self.active + ([s] if s else [])) for s in steerings]
+        if self.engine_mode == "compiled":
+            def make(i, mine):
+                return SamplingParams(max_tokens=max_new_tokens, temperature=temperature if temperature > 0 else 0.0,
+                                      top_p=top_p if temperature > 0 else 1.0, seed=None if seed is None else seed + i,
+                                      extra_args={EXTRA_KEY: mine} if mine else None, skip_special_tokens=True)
+            outputs = self._run_compiled(self._prompts(chats), merged, make)
+            return [o.outputs[0].text.strip() for o in outputs]
         names = self._steering_payload(merged)
         params = []
         for i, name in enumerate(names):
@@ -538,6 +594,46 @@ class VllmBackend(Backend):
         finally:
             self.llm.collective_rpc("personavec_set_steering", args=({},))
         return [o.outputs[0].text.strip() for o in outputs]
+
+    def _run_compiled(self, prompts, steerings: list[Steering | None], make_params, extra=None) -> list:
+        """Compiled mode: requests go in while their steering finds a table slot; the others wait for requests
+        to finish and free one (never run unsteered). `make_params(i, mine)` builds request i's SamplingParams."""
+        from collections import deque
+
+        for steering in steerings:
+            if steering is not None and not self.slots.fits_at_all([steering]):
+                raise PersonavecError("a steering needs more table slots than --max-steering-slots allows")
+        engine = self.llm.llm_engine
+        waiting, live, outputs = deque(range(len(prompts))), {}, [None] * len(prompts)
+        prefix = f"pv{next(self._ids)}-"
+        try:
+            while waiting or live:
+                while waiting:
+                    i = waiting[0]
+                    held = self.slots.take([steerings[i]])
+                    if held is None:
+                        if not live:
+                            raise PersonavecError("no steering slot frees up: raise --max-steering-slots")
+                        break
+                    waiting.popleft()
+                    mine = dict((extra or {}).get(i) or {})
+                    if held[0]:
+                        positions = steerings[i].positions
+                        mine["slots"] = [held[0] if positions in ("all", "prompt") else 0,
+                                         held[0] if positions in ("all", "response") else 0]
+                    engine.add_request(f"{prefix}{i}", prompts[i], make_params(i, mine))
+                    live[f"{prefix}{i}"] = (i, held)
+                for out in engine.step():
+                    if out.finished and out.request_id in live:
+                        i, held = live.pop(out.request_id)
+                        outputs[i] = out
+                        self.slots.give(held)
+        finally:
+            if live:
+                engine.abort_request(list(live))
+                for _, held in live.values():
+                    self.slots.give(held)
+        return outputs
 
     # -- reading --------------------------------------------------------------------
     def capture(self, chats, layers=None, positions=POSITIONS, *, batch_size=16, max_batch_tokens=8192,
@@ -569,6 +665,8 @@ class VllmBackend(Backend):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.engine_mode == "compiled":
+            return self._capture_compiled(encoded, layers, with_response)
         keys = [f"c{i}" for i in range(len(encoded))]
         names = self._steering_payload([_merge(self.active)] * len(encoded))
         self.llm.collective_rpc("personavec_start_capture",
@@ -595,6 +693,40 @@ class VllmBackend(Backend):
                                else acc["norm_prompt"] / max(acc["n_prompt"], 1))
         return out, norms
 
+    def _capture_compiled(self, encoded, layers: list[int], with_response: bool):
+        """Compiled mode: in-graph sums per chat, `capture_rows` chats at a time."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        have = set(self.compiled_layers["capture"])
+        if not set(layers) <= have:
+            raise PersonavecError(f"layer(s) {sorted(set(layers) - have)} cannot be captured: this compiled engine "
+                                  f"was loaded with capture_layers={sorted(have)} (or use --engine-mode eager)")
+        hidden, rows_at_once = self.hidden_size, self.compiled_layers["capture_rows"]
+        out = {name: torch.zeros(len(encoded), len(layers), hidden) for name in ("response", "prompt", "last")}
+        norms = torch.zeros(len(encoded), len(layers))
+        steering = _merge(self.active)
+        for start in range(0, len(encoded), rows_at_once):
+            group = encoded[start : start + rows_at_once]
+            extra = {i: {"capture": [i + 1, e.prompt_len]} for i, e in enumerate(group)}
+            self.llm.collective_rpc("personavec_take_capture_rows", args=([1],))  # start from zeroed sums
+            self._run_compiled([TokensPrompt(prompt_token_ids=e.input_ids) for e in group], [steering] * len(group),
+                               lambda i, mine: SamplingParams(max_tokens=1, temperature=0.0,
+                                                              extra_args={EXTRA_KEY: mine}), extra)
+            sums = self.llm.collective_rpc("personavec_take_capture_rows", args=(list(range(1, len(group) + 1)),))[0]
+            for j, layer in enumerate(layers):
+                got = {name: torch.from_numpy(np.frombuffer(value, dtype=np.float32).copy())
+                       for name, value in sums[layer].items()}
+                for i, e in enumerate(group):
+                    n_prompt, n_response = e.prompt_len, len(e.input_ids) - e.prompt_len
+                    row = slice(i * hidden, (i + 1) * hidden)
+                    out["response"][start + i, j] = got["response"][row] / max(n_response, 1)
+                    out["prompt"][start + i, j] = got["prompt"][row] / max(n_prompt, 1)
+                    out["last"][start + i, j] = got["last"][row]
+                    norms[start + i, j] = (got["norm_response"][i] / max(n_response, 1) if with_response
+                                           else got["norm_prompt"][i] / max(n_prompt, 1))
+        return out, norms
+
 
 @dataclass
 class StepOutput:
@@ -616,6 +748,16 @@ class VllmStepper:
         self.backend, self.llm = backend, backend.llm
         self.engine = backend.llm.llm_engine
         self.layers = sorted(units)
+        self.compiled = backend.engine_mode == "compiled"
+        if self.compiled:
+            have, k = set(backend.compiled_layers["read"]), backend.compiled_layers["read_units"]
+            for layer in self.layers:
+                if layer not in have or units[layer].shape[0] > k:
+                    raise PersonavecError(f"layer {layer} ({units[layer].shape[0]} vectors) cannot be read: this "
+                                          f"compiled engine reads layers {sorted(have)}, at most {k} vectors each "
+                                          "(or use --engine-mode eager)")
+        self._pending: list[tuple] = []  # compiled mode: requests waiting for free steering slots
+        self._held: dict[str, list[int]] = {}
         self.width = self.llm.collective_rpc(
             "personavec_set_units", args=({int(layer): units[layer].float().tolist() for layer in self.layers},))[0]
         self._counter = itertools.count()
@@ -644,6 +786,8 @@ class VllmStepper:
         from vllm.inputs import TokensPrompt
 
         ids = self.backend.tokenizer(prompt_text(self.backend.tokenizer, chat), add_special_tokens=False)["input_ids"]
+        if self.compiled:
+            return self._add_compiled(key, ids, max_tokens, temperature, top_p, seed, stop, steering, caps, guards)
         mine: dict = {"read": key}
         if steering is not None and steering.deltas:
             check_steering(self.backend.n_layers, steering.deltas, steering.positions)
@@ -660,7 +804,60 @@ class VllmStepper:
         self._prompt_lens[key] = len(ids)
         return len(ids)
 
+    def _add_compiled(self, key, ids, max_tokens, temperature, top_p, seed, stop, steering, caps, guards) -> int:
+        from vllm import SamplingParams
+
+        steering = steering if steering is not None and steering.deltas else None
+        if steering is not None:
+            check_steering(self.backend.n_layers, steering.deltas, steering.positions)
+        guards = list(guards or [])
+        need = [steering] + [g[2] for g in guards]
+        if not self.backend.slots.fits_at_all(need, 1 if guards else 0):
+            raise PersonavecError(f"this request needs more steering slots than --max-steering-slots "
+                                  f"({self.backend.slots.limit}) allows")
+
+        def start(held: list[int]) -> None:
+            mine: dict = {"read": key}
+            if held[0]:
+                mine["slots"] = [held[0] if steering.positions in ("all", "prompt") else 0,
+                                 held[0] if steering.positions in ("all", "response") else 0]
+            if caps:
+                mine["caps"] = {int(c): float(x) for c, x in caps.items()}
+            if guards:
+                mine["guards"] = [{"index": i, "column": int(c), "threshold": float(t), "slot": held[1 + i]}
+                                  for i, (c, t, _) in enumerate(guards)]
+                mine["guard_slot"] = held[-1]
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature if temperature > 0 else 0.0,
+                                    top_p=top_p if temperature > 0 else 1.0, seed=seed, stop=stop or None,
+                                    extra_args={EXTRA_KEY: mine}, skip_special_tokens=True)
+            self.engine.add_request(key, TokensPrompt(prompt_token_ids=ids), params)
+
+        from vllm.inputs import TokensPrompt
+
+        self._pending.append((key, need, 1 if guards else 0, start))
+        self._prompt_lens[key] = len(ids)
+        self._admit()
+        return len(ids)
+
+    def _admit(self) -> None:
+        """Start waiting requests, in order, while their steerings find slots."""
+        while self._pending:
+            key, need, reserve, start = self._pending[0]
+            held = self.backend.slots.take(need, reserve)
+            if held is None:
+                return
+            self._pending.pop(0)
+            self._held[key] = held
+            start(held)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a steering slot (compiled mode)."""
+        return len(self._pending)
+
     def step(self) -> list[StepOutput]:
+        if self.compiled:
+            self._admit()
         outputs = []
         for out in self.engine.step():
             completion = out.outputs[0]
@@ -675,12 +872,18 @@ class VllmStepper:
         return bool(self._prompt_lens)
 
     def abort(self, key: str) -> None:
-        self.engine.abort_request([key])
+        if any(p[0] == key for p in self._pending):
+            self._pending = [p for p in self._pending if p[0] != key]
+        else:
+            self.engine.abort_request([key])
         self.finish([key])
 
     def finish(self, keys: list[str]) -> dict[str, dict]:
         """Readings of finished requests (and release of their steerings): prompt [K], tokens {position: [K]}."""
         raw = self.llm.collective_rpc("personavec_take_readings", args=(list(keys),))[0]
+        if self.compiled:
+            for key in keys:
+                self.backend.slots.give(self._held.pop(key, []))
         drop = []
         for key in keys:
             for name in self._uses.pop(key, []):

@@ -151,6 +151,37 @@ def console(stderr: bool = False):
 
 # -- models ----------------------------------------------------------------------------------------------------
 
+def _engine_mode(value):
+    if value is not None:
+        if value not in ("eager", "compiled"):
+            raise typer.BadParameter("use eager or compiled")
+        from ..backends import set_engine_options
+
+        set_engine_options(engine_mode=value)
+    return value
+
+
+def _steering_slots(value):
+    if value is not None:
+        if value < 1:
+            raise typer.BadParameter("must be at least 1")
+        from ..backends import set_engine_options
+
+        set_engine_options(max_steering_slots=value)
+    return value
+
+
+def engine_mode_option():
+    return typer.Option(None, "--engine-mode", callback=_engine_mode,
+                        help="vllm: eager (Python hooks) | compiled (steering and readings inside the compiled "
+                             "graph); default eager")
+
+
+def steering_slots_option():
+    return typer.Option(None, "--max-steering-slots", callback=_steering_slots,
+                        help="vllm compiled: distinct steerings live at once; more requests wait (default 64)")
+
+
 def load_engine_model(model: str, engine: str, dtype: str = "auto", tensor_parallel_size: int = 1,
                       trust_remote_code: bool = False):
     """`(backend, tokenizer)` for `--engine`: every command that takes `--engine` loads its model here. The backend

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (console, finite_float, int_list, load_engine_model, log, non_negative_float, non_negative_int,
+from .common import (engine_mode_option, steering_slots_option, console, finite_float, int_list, load_engine_model, log, non_negative_float, non_negative_int,
                      number_list, positive_int, print_breakdown, run_folder)
 from .judge import judge_plan, scheme_option
 
@@ -52,6 +52,8 @@ def extract_cmd(
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force", help="overwrite a folder that holds a different run"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    engine_mode: Optional[str] = engine_mode_option(),
+    max_steering_slots: Optional[int] = steering_slots_option(),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
     recipe: str = typer.Option("paper", "--recipe", help="paper (the paper's instruction pairs) | registers (each "
@@ -130,6 +132,8 @@ def evaluate_cmd(
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    engine_mode: Optional[str] = engine_mode_option(),
+    max_steering_slots: Optional[int] = steering_slots_option(),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="judge scheme from `judge-check --save`"),
@@ -196,6 +200,8 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="no judge: a vector from a built-in contrastive set on smollm2-135m"),
     force: bool = typer.Option(False, "--force"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    engine_mode: Optional[str] = engine_mode_option(),
+    max_steering_slots: Optional[int] = steering_slots_option(),
 ) -> None:
     """The README's first command: extract a trait on the packaged model, choose a layer, steer both ways, report."""
     run_folder(out, "--out")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import load_engine_model, log, output_file, positive_float, positive_int
+from .common import engine_mode_option, steering_slots_option, load_engine_model, log, output_file, positive_float, positive_int
 
 
 def _is_loopback(host: str) -> bool:
@@ -37,6 +37,8 @@ def serve_cmd(
     log_content: bool = typer.Option(False, "--log-content", help="also log message text and answers"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp32"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (continuous batching; the optional extra)"),
+    engine_mode: Optional[str] = engine_mode_option(),
+    max_steering_slots: Optional[int] = steering_slots_option(),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model"),
     max_batch: int = typer.Option(32, "--max-batch", callback=positive_int, help="requests batched together at most"),
     batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", callback=positive_float, help="how long the first request of a batch "

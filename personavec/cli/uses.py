@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (by_option, chat_output, command_vector, finite_float, fraction, load_engine_model, log,
+from .common import (engine_mode_option, steering_slots_option, by_option, chat_output, command_vector, finite_float, fraction, load_engine_model, log,
                      non_negative_float, non_negative_int, positive_int, print_breakdown, run_folder, vector_layer)
 from .judge import scheme_option
 
@@ -111,6 +111,8 @@ def monitor_cmd(
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force", help="--study: overwrite a folder that holds a different run"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    engine_mode: Optional[str] = engine_mode_option(),
+    max_steering_slots: Optional[int] = steering_slots_option(),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
     ray: RayFlag = False,
@@ -257,6 +259,8 @@ def screen_cmd(
                                              callback=positive_int),
     dtype: str = typer.Option("auto", "--dtype"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    engine_mode: Optional[str] = engine_mode_option(),
+    max_steering_slots: Optional[int] = steering_slots_option(),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
     ray: RayFlag = False,

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import PersonavecError
-from .common import (chat_output, command_vector, console, run_folder, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
+from .common import (engine_mode_option, steering_slots_option, chat_output, command_vector, console, run_folder, finite_float, load_engine_model, log, non_negative_float, non_negative_int,
                      output_file, positive_int, vector_layer)
 from ..shipped import BUILD_MODELS
 
@@ -66,6 +66,8 @@ def steer_cmd(
     dtype: str = typer.Option("auto", "--dtype"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (optional extra; generation and capture)"),
+    engine_mode: Optional[str] = engine_mode_option(),
+    max_steering_slots: Optional[int] = steering_slots_option(),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per model",
                                              callback=positive_int),
 ) -> None:

@@ -77,7 +77,8 @@ class ShardScorer:
         from ..backends import load_backend
 
         self.task, self.vector = task, vector
-        self.backend = load_backend(task["model"], task["engine"], task["dtype"], task["tensor_parallel_size"])
+        self.backend = load_backend(task["model"], task["engine"], task["dtype"], task["tensor_parallel_size"],
+                                    **((task.get("engine_options") or {}) if task["engine"] == "vllm" else {}))
         self.cache = None
         if task["kind"] == "screen" and not task["cfg"]["approx"]:
             from .screen import BaseAnswerCache
@@ -298,7 +299,10 @@ def ray_errors():
 
 
 def ray_task(model: str, engine: str, dtype: str, tensor_parallel_size: int, cfg, cache: str | None = None) -> dict:
+    from ..backends import ENGINE_OPTIONS
+
     return {"model": model, "engine": engine, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
+            "engine_options": dict(ENGINE_OPTIONS),
             "cfg": cfg if isinstance(cfg, dict) else asdict(cfg), "cache": cache}
 
 
