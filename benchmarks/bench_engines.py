@@ -6,6 +6,12 @@ three coefficients): transformers runs one coefficient at a time, vLLM mixes the
 
 Usage (needs the vLLM environment): make bench-vllm, or
   .venv-vllm/bin/python benchmarks/bench_engines.py [--model qwen2.5-coder-0.5b] [--questions 4] [--tokens 64]
+
+`--modes plain,compiled,compiled-steered,eager,eager-steered` instead measures vLLM's own speed against personavec's
+engine modes, in one run, one engine at a time: `plain` is vLLM compiled without personavec, `compiled` /
+`eager` personavec's engine unsteered, `*-steered` with every request steered (four coefficients mixed in the
+batch). Default there: 32 prompts x 128 greedy tokens (`--prompts`, `--tokens`), the shipped vector's layer:
+  .venv-vllm/bin/python benchmarks/bench_engines.py --modes plain,compiled,compiled-steered,eager,eager-steered
 """
 
 from __future__ import annotations
@@ -27,6 +33,87 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
+MODES = ("plain", "compiled", "compiled-steered", "eager", "eager-steered")
+
+
+def bench_modes(args) -> None:
+    """Throughput of each mode on the same chats; each engine warms up first and is closed before the next."""
+    import gc
+
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from personavec.backends.vllm import _set_environment
+    from personavec.chat import prompt_text
+    from personavec.models import resolve
+    from personavec.shipped import load_shipped
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    questions = max(1, -(-args.prompts // 10))
+    chats = [item_chat(it, with_answer=False) for it in extraction_items(load_trait(args.trait), questions, 1)]
+    chats = chats[: args.prompts]
+    vector = load_shipped(args.model, args.trait)
+    layer = vector.layer
+    coefs = (-0.5, -0.25, 0.25, 0.5)
+    steerings = [{layer: vector.delta(layer, coefs[i % len(coefs)], "norm")} for i in range(len(chats))]
+    results = {}
+    for mode in modes:
+        _set_environment()
+        if mode == "plain":
+            import os
+
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            llm = LLM(model=resolve(args.model), dtype="bfloat16", max_model_len=2048, enable_prefix_caching=False,
+                      seed=0, gpu_memory_utilization=None if torch.cuda.is_available() else 0.25)
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(resolve(args.model))
+            prompts = [TokensPrompt(prompt_token_ids=tok(prompt_text(tok, c), add_special_tokens=False)["input_ids"])
+                       for c in chats]
+            params = SamplingParams(max_tokens=args.tokens, temperature=0.0)
+
+            def run(n=None, llm=llm, prompts=prompts, params=params):
+                if n:
+                    return [o.outputs[0].text for o in llm.generate(prompts[:2], SamplingParams(max_tokens=n),
+                                                                    use_tqdm=False)]
+                return [o.outputs[0].text.strip() for o in llm.generate(prompts, params, use_tqdm=False)]
+            close = lambda: llm.llm_engine.engine_core.shutdown()  # noqa: E731
+        else:
+            engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048, engine_mode=mode.split("-")[0])
+            tok = engine.tokenizer
+            steer = steerings if mode.endswith("steered") else None
+
+            def run(n=None, engine=engine, steer=steer):
+                if n:
+                    return generate_each(engine, tok, chats[:2], steer[:2] if steer else [None, None],
+                                         max_new_tokens=n, show_progress=False)
+                return generate_each(engine, tok, chats, steer or [None] * len(chats), max_new_tokens=args.tokens,
+                                     show_progress=False)
+            close = engine.close
+        run(4)  # warm-up
+        best = None
+        for _ in range(args.repeats):
+            seconds, answers = timed(run)
+            n_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+            rate = n_tokens / seconds
+            best = rate if best is None else max(best, rate)
+        results[mode] = best
+        print(f"{mode:<18}{best:>10.1f} tok/s", flush=True)
+        close()
+        del run, close
+        gc.collect()
+    print(f"\n{args.model}, bf16, {len(chats)} prompts x {args.tokens} greedy tokens, steering at layer {layer} "
+          f"(coefs {coefs} mixed), best of {args.repeats}")
+    base = [m for m in ("plain", "eager") if m in results]
+    print(f"{'mode':<18}{'tok/s':>10}" + "".join(f"{'vs ' + b:>12}" for b in base))
+    for mode, rate in results.items():
+        print(f"{mode:<18}{rate:>10.1f}" + "".join(f"{rate / results[b]:>11.2f}x" for b in base))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -34,7 +121,15 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4, help="extraction questions (x 5 instructions x pos/neg)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=20, help="transformers batch size (extract's demo value)")
+    parser.add_argument("--modes", default=None, help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--prompts", type=int, default=32, help="--modes: prompts")
+    parser.add_argument("--repeats", type=int, default=1, help="--modes: timed runs per mode (best counts)")
     args = parser.parse_args()
+    if args.modes:
+        if args.tokens == 64:
+            args.tokens = 128
+        bench_modes(args)
+        return
 
     chats = [item_chat(it, with_answer=False) for it in extraction_items(load_trait(args.trait), args.questions, 1)]
     model, tok = load_model(args.model, dtype="bf16")

@@ -21,18 +21,31 @@ PROMPTS = ["What do you think the next ten years will bring?", "How was your wee
 TOKENS = 24
 
 
+MODES = ("eager", "compiled")
+ANSWERS: dict[str, dict] = {}  # mode -> answers of test_modes_give_the_same_answers, compared across modes
+
+
 @pytest.fixture(scope="module")
-def engines():
+def reference():
     from personavec.models import load_model
     from personavec.pipeline.contrast import builtin_contrast, contrastive_vector
-    from personavec.backends.vllm import VllmBackend
 
     # fp32 on both engines: bf16 kernels give batch-size-dependent results, so exact comparisons need fp32
     model, tok = load_model("smollm2-135m", dtype="fp32")
     pos, neg = builtin_contrast()
     vector, _ = contrastive_vector(model, tok, pos, neg, trait="optimistic", show_progress=False)
-    engine = VllmBackend("smollm2-135m", dtype="fp32", max_model_len=1024)
-    return model, tok, engine, vector
+    return model, tok, vector
+
+
+@pytest.fixture(scope="module", params=MODES)
+def engines(request, reference):
+    """Every test runs on both engine modes (one engine at a time: pytest finishes one before the next)."""
+    from personavec.backends.vllm import VllmBackend
+
+    model, tok, vector = reference
+    engine = VllmBackend("smollm2-135m", dtype="fp32", max_model_len=1024, engine_mode=request.param)
+    yield model, tok, engine, vector
+    engine.close()
 
 
 def chats():
@@ -45,7 +58,97 @@ def test_prefix_caching_is_off_and_hooks_can_run(engines):
     _, _, engine, _ = engines
     config = engine.llm.llm_engine.vllm_config
     assert config.cache_config.enable_prefix_caching is False and engine.prefix_caching is False
-    assert config.model_config.enforce_eager is True
+    assert config.model_config.enforce_eager is (engine.engine_mode == "eager")
+
+
+def test_modes_give_the_same_answers(engines):
+    """Greedy fp32, the same steerings (all / prompt / response, mixed in one batch): token for token."""
+    from personavec.generate import generate_each
+
+    _, tok, engine, vector = engines
+    layer = vector.layer
+    prompts = chats()[:4]
+    deltas = [None, {layer: vector.delta(layer, 0.5, "norm")}, {layer: vector.delta(layer, -0.5, "norm")},
+              {layer - 2: vector.delta(layer - 2, 0.3, "norm"), layer: vector.delta(layer, 0.3, "norm")}]
+    answers = generate_each(engine, tok, prompts * len(deltas), [d for d in deltas for _ in prompts],
+                            max_new_tokens=TOKENS, show_progress=False)
+    ANSWERS[engine.engine_mode] = answers
+    other = [m for m in MODES if m != engine.engine_mode and m in ANSWERS]
+    for mode in other:
+        assert ANSWERS[mode] == answers, mode
+
+
+def _compiled_only(engine):
+    if engine.engine_mode != "compiled":
+        pytest.skip("table slots are the compiled mode's")
+
+
+def test_reused_slot_sees_only_its_own_vector(engines):
+    from personavec.generate import generate_each
+
+    _, tok, engine, vector = engines
+    _compiled_only(engine)
+    layer = vector.layer
+    prompts = chats()[:3]
+    b = {layer + 3: vector.delta(layer + 3, 0.6, "norm")}
+    a = {layer: vector.delta(layer, -0.8, "norm")}
+    first = generate_each(engine, tok, prompts, [b] * 3, max_new_tokens=TOKENS, show_progress=False)
+    assert engine.slots.used == 0  # finished requests gave their slots back
+    generate_each(engine, tok, prompts, [a] * 3, max_new_tokens=TOKENS, show_progress=False)
+    again = generate_each(engine, tok, prompts, [b] * 3, max_new_tokens=TOKENS, show_progress=False)
+    assert again == first  # the slot A held was reused, and nothing of A (another layer) stayed in it
+    assert engine.slots.used == 0
+
+
+def test_slot_exhaustion_waits_and_never_drops_steering(engines):
+    from personavec.generate import generate_each
+
+    _, tok, engine, vector = engines
+    _compiled_only(engine)
+    layer = vector.layer
+    prompts = chats()[:2]
+    coefs = (-0.6, -0.3, 0.3, 0.6)
+    steer = [{layer: vector.delta(layer, c, "norm")} for c in coefs]
+    alone = [generate_each(engine, tok, prompts, [d] * 2, max_new_tokens=TOKENS, show_progress=False) for d in steer]
+    limit, waits = engine.slots.limit, engine.slots.waits
+    engine.slots.limit = 2
+    try:
+        together = generate_each(engine, tok, prompts * 4, [d for d in steer for _ in prompts],
+                                 max_new_tokens=TOKENS, show_progress=False)
+    finally:
+        engine.slots.limit = limit
+    assert engine.slots.waits > waits  # some requests had to wait for a slot
+    assert together == [a for pair in alone for a in pair]  # ... and ran steered once they got one
+
+
+def test_server_stepper_queues_requests_without_a_slot(engines):
+    from personavec.backends.base import Steering
+    from personavec.generate import generate_each
+
+    _, tok, engine, vector = engines
+    _compiled_only(engine)
+    layer = vector.layer
+    chat = chats()[0]
+    up, down = ({layer: vector.delta(layer, c, "norm")} for c in (0.5, -0.5))
+    alone = generate_each(engine, tok, [chat, chat], [up, down], max_new_tokens=TOKENS, show_progress=False)
+    stepper = engine.stepper({layer: vector.vectors[layer][None] / vector.vectors[layer].norm()})
+    limit = engine.slots.limit
+    engine.slots.limit = 1
+    try:
+        stepper.add("up", chat, max_tokens=TOKENS, steering=Steering(up))
+        stepper.add("down", chat, max_tokens=TOKENS, steering=Steering(down))
+        assert stepper.waiting == 1
+        texts = {}
+        while stepper.busy:
+            done = [out for out in stepper.step() if out.finished]
+            for out in done:
+                texts[out.key] = out.text.strip()
+            if done:
+                stepper.finish([out.key for out in done])
+    finally:
+        engine.slots.limit = limit
+    assert [texts["up"], texts["down"]] == alone
+    assert engine.slots.used == 0
 
 
 def test_coefficient_zero_is_the_unsteered_output(engines):
@@ -219,3 +322,4 @@ def test_vllm_server_stream_cap_and_guards(served_vllm):
     assert fires.model_extra["persona"]["actions"][0]["action"] == "steer"
     # every steering the server added is dropped again once its requests finish
     assert not service._stepper._users
+    assert service.backend.slots is None or service.backend.slots.used == 0

@@ -478,6 +478,19 @@ class VllmBackend(Backend):
                                   f"steer_layers={sorted(steerable)} (or use --engine-mode eager)")
         self.llm.collective_rpc("personavec_write_slot", args=(slot, deltas))
 
+    def close(self) -> None:
+        """Shut the engine down and free its memory (the KV cache is reserved up front)."""
+        import gc
+
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort; dropping the references frees the rest
+                pass
+        del llm
+        gc.collect()
+
     def check_config(self) -> None:
         config = self.llm.llm_engine.vllm_config
         problems = []

@@ -431,7 +431,7 @@ class CompiledWorker:
                 for k in range(k_here):
                     if offset + k in w.caps:
                         host[lo:int(b[j]), k] = w.caps[offset + k]
-            limits[:reach].copy_(state.host_limits[:reach], non_blocking=True)
+            limits[:reach].copy_(state.host_limits[:reach])  # the staging row is reused per layer
         state.limits_filled = total if capped else 0
 
     def _pvc_after(self, step) -> None:
