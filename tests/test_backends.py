@@ -205,3 +205,26 @@ def test_engine_checks_live_only_in_backends():
     offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                  if "is_engine" in p.read_text() or "personavec_engine" in p.read_text()]
     assert offenders == []
+
+
+def test_compiled_slot_pool_shares_reuses_and_refuses_when_full():
+    """The vLLM compiled mode's host-side slot table (pure Python: runs without vLLM)."""
+    from personavec.backends.base import Steering
+    from personavec.backends.vllm_compiled import SlotPool
+
+    written = []
+    pool = SlotPool(lambda slot, deltas: written.append((slot, sorted(deltas))), n_slots=2)
+    a, b, c = (Steering({3: torch.full((4,), float(x))}) for x in (1, 2, 3))
+    assert pool.take([None]) == [0] and not written  # unsteered requests hold nothing
+    first = pool.take([a])
+    assert pool.take([a]) == first and len(written) == 1  # the same steering shares its slot
+    second = pool.take([b])
+    assert pool.take([c]) is None and pool.waits == 1  # full: the caller must wait
+    pool.give(first)
+    assert pool.take([c]) is None  # a still holds its slot (one user left)
+    pool.give(first)
+    assert pool.take([c]) == first and written[-1] == (first[0], [3])  # reused, and rewritten whole
+    assert pool.take([None], reserve=1) is None  # a guard's reserved slot counts too
+    pool.give(second)
+    pool.give(first)
+    assert pool.used == 0 and pool.fits_at_all([a, b]) and not pool.fits_at_all([a, b, c])
