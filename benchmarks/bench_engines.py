@@ -44,7 +44,7 @@ def bench_modes(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from personavec.backends.vllm import _set_environment
+    from personavec.backends.vllm import CPU_KV_CACHE_BYTES, _set_environment
     from personavec.chat import prompt_text
     from personavec.models import resolve
     from personavec.shipped import load_shipped
@@ -68,7 +68,7 @@ def bench_modes(args) -> None:
 
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             llm = LLM(model=resolve(args.model), dtype="bfloat16", max_model_len=2048, enable_prefix_caching=False,
-                      seed=0, gpu_memory_utilization=None if torch.cuda.is_available() else 0.25)
+                      seed=0, **({} if torch.cuda.is_available() else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}))
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(resolve(args.model))

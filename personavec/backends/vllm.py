@@ -402,6 +402,9 @@ def _find_norm(model):
     return getattr(inner, "norm", None)
 
 
+CPU_KV_CACHE_BYTES = 2 << 30  # 2 GiB: ~170k tokens of qwen2.5-0.5b (bf16), ~45k of smollm2-135m (fp32)
+
+
 class VllmBackend(Backend):
     """A vLLM `LLM` set up for steering and capture."""
 
@@ -447,10 +450,11 @@ class VllmBackend(Backend):
             kwargs.update(load_format=LOAD_FORMAT, additional_config={CONFIG_KEY: cfg})
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
-        if gpu_memory_utilization is None and not torch.cuda.is_available():
-            # on CPU this is the share of RAM vLLM reserves up front (weights + KV cache); its 0.92 default
-            # fails as soon as anything else holds memory
-            gpu_memory_utilization = 0.25
+        if (gpu_memory_utilization is None and not torch.cuda.is_available() and "kv_cache_memory_bytes" not in kwargs
+                and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+            # on CPU vLLM sizes the KV cache as a share of RAM minus this process's RSS, which fails (0 GiB left)
+            # once the process holds another model or a compiled graph; a fixed size does not depend on that
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         if gpu_memory_utilization:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
