@@ -27,6 +27,8 @@ Vector sources, per trait:
   so the column's register is never one the projection knew.
 
 Derived sources keep their base's layer. `answer length` is a baseline row: the AUROC of the answer's token count.
+`in-set oracle (split half)` is a ceiling row (`check.split_half_ceiling`): a mean difference made from half of the
+test set's own pairs, scored on the other half, at its best layer; no vector made elsewhere is expected above it.
 Everything comes from one capture per file at every layer (`personavec.pipeline.check`), the readings `screen` uses;
 `--verify` re-scores one cell through `screen_records` and prints both.
 
@@ -50,7 +52,8 @@ from personavec.activations import capture
 from personavec.chat import encode_chat, read_chats
 from personavec.errors import PersonavecError
 from personavec.models import load_model
-from personavec.pipeline.check import aurocs_by_layer, best_layer, capture_for_check, read_check_files
+from personavec.pipeline.check import aurocs_by_layer, best_layer, capture_for_check, read_check_files, \
+    split_half_ceiling
 from personavec.pipeline.contrast import middle_layers, separation_by_layer
 from personavec.pipeline.extract import item_chat
 from personavec.vecmath import auroc, average_directions, cosine, group_directions, mean_difference, \
@@ -305,7 +308,8 @@ def render(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def print_trait(trait: str, table: dict, sets: list[TestSet], baseline: dict[str, float | None]) -> None:
+def print_trait(trait: str, table: dict, sets: list[TestSet], baseline: dict[str, float | None],
+                ceiling: dict[str, dict]) -> None:
     registers = [t.register for t in sets]
     for reading, title in READINGS.items():
         print(f"\n{trait}: AUROC of {title}, at the vector's layer (best layer on that test set: AUROC@layer)")
@@ -320,6 +324,9 @@ def print_trait(trait: str, table: dict, sets: list[TestSet], baseline: dict[str
                         + [f"{fmt(c['auroc'])} ({fmt(c['best_auroc'])}@{c['best_layer']})" for c in cells]
                         + [f"{fmt(mean_at)} ({fmt(mean_best)})"])
         rows.append(["answer length (tokens)", "-"] + [fmt(baseline[r]) for r in registers] + [""])
+        if reading == "response_projection":
+            rows.append(["in-set oracle (split half)", "-"]
+                        + [f"- ({fmt(ceiling[r]['best_auroc'])}@{ceiling[r]['best_layer']})" for r in registers] + [""])
         print(render(rows))
     sizes = ", ".join(f"{t.register} {sum(t.labels)}+{len(t.labels) - sum(t.labels)}" for t in sets)
     print(f"({trait} test sets, label 1 + label 0 answers: {sizes})")
@@ -403,7 +410,12 @@ def run(args) -> None:
             sets.append(t)
         table = score(sources, sets)
         baseline = {t.register: auroc(t.labels, t.lengths) for t in sets}
-        print_trait(trait, table, sets, baseline)
+        ceiling = {}
+        for t in sets:
+            by_layer = split_half_ceiling(t.acts, t.labels, [r.fields["pair"] for r in t.records])
+            layer, value = best_layer(by_layer)
+            ceiling[t.register] = {"best_layer": layer, "best_auroc": value, "by_layer": by_layer}
+        print_trait(trait, table, sets, baseline, ceiling)
         for s in sources:
             if s.origin:
                 log(f"  {s.name}: {s.origin}" + (f" ({s.note})" if s.note else ""))
@@ -411,7 +423,7 @@ def run(args) -> None:
             verify(model, tok, sources[0], sets[0], table, args.batch_size)
         result["traits"][trait] = {"test_sets": {t.register: {"path": str(t.path), "n": len(t.labels),
                                                               "n_label_1": sum(t.labels)} for t in sets},
-                                   "length_baseline": baseline, "sources": table}
+                                   "length_baseline": baseline, "split_half_ceiling": ceiling, "sources": table}
     out = args.json or Path("runs/bench_generalisation") / f"{args.model.replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1), encoding="utf-8")

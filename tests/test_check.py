@@ -3,13 +3,15 @@
 import json
 
 import pytest
+import torch
 from test_cli import assert_user_error, run_cli
 from test_pipeline import ConstantJudge, cfg_for
 
 from personavec.chat import read_chats
 from personavec.errors import PersonavecError
 from personavec.models import load_model
-from personavec.pipeline.check import read_check_files
+from personavec.backends.base import Activations
+from personavec.pipeline.check import read_check_files, split_half_ceiling
 from personavec.pipeline.extract import run_extract
 from personavec.pipeline.screen import ScreenConfig, screen_records
 from personavec.traits import load_trait
@@ -119,3 +121,20 @@ def test_extract_check_on_the_command_line(capsys, tmp_path, tiny_folder, monkey
     line = next(x for x in err.splitlines() if x.startswith(f"check {path}: "))
     assert f"AUROC at layer {summary['layer']}: response projection {entry['response_projection']['auroc']:.3f}" in line
     assert "check" not in json.loads((tmp_path / "r" / "config.json").read_text())
+
+
+def test_split_half_ceiling_against_a_hand_computation():
+    # one layer, hidden 2; groups a,b,c,d (sorted: a, c train fold 1; b, d fold 2); label 1 rows first in each pair
+    x = torch.tensor([[3.0, 1.0], [1.0, 1.0],    # a: diff (2, 0)
+                      [0.0, 2.0], [0.0, 0.0],    # b: diff (0, 2)
+                      [5.0, 0.0], [4.0, 0.0],    # c: diff (1, 0)
+                      [1.0, 0.0], [0.0, 3.0],    # d
+                      [9.0, 9.0], [9.0, 9.0]])   # e: skipped, must not count
+    labels = [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]
+    groups = ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"]
+    acts = Activations(layers=[0], response_avg=x[:, None, :], skipped=[8, 9])
+    # by hand: the sorted kept groups a, b, c, d; first fold {a, c}. Fold 1 direction = mean(pos a,c) - mean(neg a,c)
+    # = (4, .5) - (2.5, .5) = (1.5, 0) -> x-axis; test b, d: pos x 0, 1 vs neg x 0, 0 -> pairs (0>0 tie .5, 0>0 .5,
+    # 1>0 1, 1>0 1) = 3/4. Fold 2 direction = mean(pos b,d) - mean(neg b,d) = (.5, 1) - (0, 1.5) = (.5, -.5);
+    # test a, c on (1, -1)/sqrt2 (times sqrt2): pos 2, 5; neg 0, 4 -> 2>0, 2<4, 5>0, 5>4 = 3/4. Mean 0.75.
+    assert split_half_ceiling(acts, labels, groups) == [pytest.approx(0.75)]

@@ -20,7 +20,7 @@ import torch
 from ..activations import capture
 from ..chat import ChatRecord, read_chats
 from ..errors import PersonavecError
-from ..vecmath import auroc, project
+from ..vecmath import auroc, mean_difference, project
 
 LABEL_FIELD = "label"
 READINGS = ("response_projection", "approx_projection_difference")
@@ -90,6 +90,35 @@ def aurocs_by_layer(acts, labels: list[int], vectors: torch.Tensor) -> dict[str,
     zero = vectors.norm(dim=-1) == 0
     return {name: [None if zero[layer] else auroc(kept_labels, values[:, layer]) for layer in range(vectors.shape[0])]
             for name, values in readings.items()}
+
+
+def split_half_ceiling(acts, labels: list[int], groups: list[str]) -> list[float | None]:
+    """An oracle for a test set: at each layer, the mean difference of the label-1 and label-0 response means of
+    half the groups (every other group id, sorted), scored as the response projection on the other half; the two
+    folds' AUROCs averaged. Says what a direction found *inside* that register reaches on unseen pairs of it, so a
+    vector's AUROC can be read against it. Rows of the same group (the two answers of a pair) stay on one side."""
+    skipped = set(acts.skipped)
+    kept = [i for i in range(len(labels)) if i not in skipped]
+    x = acts.kept().response_avg.float()
+    y = torch.tensor([labels[i] for i in kept], dtype=torch.bool)
+    names = sorted({groups[i] for i in kept})
+    first = {g for g in names[::2]}
+    fold = torch.tensor([groups[i] in first for i in kept], dtype=torch.bool)
+    out: list[float | None] = []
+    for layer in range(x.shape[1]):
+        values = []
+        for train in (fold, ~fold):
+            test = ~train
+            if not (train & y).any() or not (train & ~y).any():
+                continue
+            direction = mean_difference(x[train & y, layer], x[train & ~y, layer])
+            if direction.norm() == 0:
+                continue
+            value = auroc(y[test].tolist(), project(x[test, layer], direction))
+            if value is not None:
+                values.append(value)
+        out.append(sum(values) / len(values) if values else None)
+    return out
 
 
 def best_layer(values: list[float | None], layers: list[int] | None = None) -> tuple[int | None, float | None]:
