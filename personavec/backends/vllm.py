@@ -32,6 +32,7 @@ from ..cache import cache_dir
 from ..chat import prompt_text
 from ..errors import PersonavecError
 from ..models import folder_fingerprint, resolve, resolve_dtype
+from ..models.layout import decoder_blocks, final_norm
 from ..progress import progress_bar
 from .base import (POSITIONS, Activations, Backend, Steering, check_layers, check_positions, check_steering,
                    encode_for_capture)
@@ -79,14 +80,14 @@ class WorkerExtension(CompiledWorker):
     def personavec_install(self) -> int:
         runner = self.model_runner
         model = runner.get_model()
-        blocks = _find_layers(model)
+        blocks = decoder_blocks(model)
         compiled = getattr(model, "_personavec_state", None)
         self._pv_mode = "compiled" if compiled is not None else "eager"
         if compiled is not None:
             self._pvc_install(compiled)
             return len(blocks)
         self._pv_blocks = blocks
-        self._pv_norm = _find_norm(model)
+        self._pv_norm = final_norm(model)
         self._pv_tables: dict[int, torch.Tensor] = {}  # layer -> [n_specs + 1, hidden] (row 0: nothing)
         self._pv_spec_rows: dict[str, int] = {}
         self._pv_positions: dict[str, str] = {}
@@ -383,23 +384,6 @@ class WorkerExtension(CompiledWorker):
         normed = output[0] if isinstance(output, tuple) else output
         self._personavec_record(len(self._pv_blocks), lambda: normed.float().clone())
         self._personavec_read(len(self._pv_blocks), normed, None, normed=True)
-
-
-def _find_layers(model) -> torch.nn.ModuleList:
-    for path in ("model.layers", "language_model.model.layers", "model.decoder.layers", "transformer.h"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList) and len(obj):
-            return obj
-    raise RuntimeError(f"cannot find the decoder layers of vLLM model {type(model).__name__}")
-
-
-def _find_norm(model):
-    inner = getattr(model, "model", None) or getattr(getattr(model, "language_model", None), "model", None)
-    return getattr(inner, "norm", None)
 
 
 CPU_KV_CACHE_BYTES = 2 << 30  # 2 GiB: ~170k tokens of qwen2.5-0.5b (bf16), ~45k of smollm2-135m (fp32)

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.layout import decoder_blocks, final_norm
+
 LOAD_FORMAT = "personavec"
 CONFIG_KEY = "personavec"
 NO_CAP = 1e30
@@ -59,23 +61,6 @@ def register_loader() -> None:
             return model
 
     register_model_loader(LOAD_FORMAT)(PersonavecLoader)
-
-
-def find_layers(model) -> torch.nn.ModuleList:
-    for path in ("model.layers", "language_model.model.layers", "model.decoder.layers", "transformer.h"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList) and len(obj):
-            return obj
-    raise RuntimeError(f"cannot find the decoder layers of vLLM model {type(model).__name__}")
-
-
-def find_norm(model):
-    inner = getattr(model, "model", None) or getattr(getattr(model, "language_model", None), "model", None)
-    return getattr(inner, "norm", None)
 
 
 class CompiledState:
@@ -165,7 +150,7 @@ def _steer(mod, layer: int, hidden: torch.Tensor) -> torch.Tensor:
 
 def wrap_model(model, cfg: dict, vllm_config) -> CompiledState:
     """Give the decoder blocks (and the final norm) the ops of `cfg`'s layers; keeps the state on the model."""
-    blocks, norm = find_layers(model), find_norm(model)
+    blocks, norm = decoder_blocks(model), final_norm(model)
     n = len(blocks)
     param = next(model.parameters())
     hidden = vllm_config.model_config.get_hidden_size()

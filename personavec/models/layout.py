@@ -1,4 +1,4 @@
-"""Where a transformers model keeps its decoder blocks and final norm.
+"""Where a transformers (or vLLM) model keeps its decoder blocks and final norm.
 
 This is the only module that knows a model's layout. Everything else asks it:
 block i (1-based) produces `hidden_states[i]`, and the final norm is what
@@ -16,6 +16,7 @@ from ..errors import PersonavecError, arg
 _BLOCK_PATHS = (
     "model.layers",  # Llama, Qwen2, Mistral, Gemma, Phi-3, OLMo, ...
     "model.language_model.layers",  # multimodal wrappers
+    "language_model.model.layers",  # vLLM's multimodal wrappers
     "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
     "gpt_neox.layers",  # GPT-NeoX, Pythia
     "model.decoder.layers",  # OPT
