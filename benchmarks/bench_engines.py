@@ -83,7 +83,9 @@ def bench_modes(args) -> None:
                 return [o.outputs[0].text.strip() for o in llm.generate(prompts, params, use_tqdm=False)]
             close = lambda: llm.llm_engine.engine_core.shutdown()  # noqa: E731
         else:
-            engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048, engine_mode=mode.split("-")[0])
+            declared = {} if not args.declare_layers or not mode.startswith("compiled") else dict(
+                steer_layers=[layer], read_layers=[], capture_layers=[])
+            engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048, engine_mode=mode.split("-")[0], **declared)
             tok = engine.tokenizer
             steer = steerings if mode.endswith("steered") else None
 
@@ -123,6 +125,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=20, help="transformers batch size (extract's demo value)")
     parser.add_argument("--modes", default=None, help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--prompts", type=int, default=32, help="--modes: prompts")
+    parser.add_argument("--declare-layers", action="store_true",
+                        help="--modes: compiled engines get the ops only at the steered layer (no read or capture ops)")
     parser.add_argument("--repeats", type=int, default=1, help="--modes: timed runs per mode (best counts)")
     args = parser.parse_args()
     if args.modes:
