@@ -13,7 +13,7 @@ import torch
 
 from ..errors import PersonavecError, arg
 from ..models import load_model
-from .base import POSITIONS, STEER_POSITIONS, Activations, Backend, Steering, check_steering
+from .base import ENGINE_MODES, POSITIONS, STEER_POSITIONS, Activations, Backend, Steering, check_steering
 from .hf import AblationHandle, HFBackend, SteeringHandle
 
 ENGINES = ("hf", "vllm")
@@ -26,7 +26,7 @@ def set_engine_options(**options) -> None:
     """Defaults for every later vLLM engine: `engine_mode`, `max_steering_slots` (None values are ignored)."""
     ENGINE_OPTIONS.update({k: v for k, v in options.items() if v is not None})
 
-__all__ = ["ENGINES", "POSITIONS", "STEER_POSITIONS", "AblationHandle", "Activations", "Backend", "HFBackend",
+__all__ = ["ENGINES", "ENGINE_MODES", "POSITIONS", "STEER_POSITIONS", "AblationHandle", "Activations", "Backend", "HFBackend",
            "Steering", "SteeringHandle", "as_backend", "check_steering", "load_backend", "set_engine_options", "transformers_model"]
 
 

@@ -28,6 +28,7 @@ from ..errors import PersonavecError, arg
 
 POSITIONS = ("response_avg", "prompt_avg", "prompt_last")
 STEER_POSITIONS = ("all", "prompt", "response")
+ENGINE_MODES = ("eager", "compiled")  # the vLLM engine's (`VllmBackend(engine_mode=...)`, `--engine-mode`)
 
 
 @dataclass

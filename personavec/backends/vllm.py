@@ -34,11 +34,10 @@ from ..errors import PersonavecError
 from ..models import folder_fingerprint, resolve, resolve_dtype
 from ..models.layout import decoder_blocks, final_norm
 from ..progress import progress_bar
-from .base import (POSITIONS, Activations, Backend, Steering, check_layers, check_positions, check_steering,
-                   encode_for_capture)
+from .base import (ENGINE_MODES, POSITIONS, Activations, Backend, Steering, check_layers, check_positions,
+                   check_steering, encode_for_capture)
 from .vllm_compiled import CODE_HASH, CONFIG_KEY, LOAD_FORMAT, CompiledWorker, SlotPool, register_loader
 
-ENGINE_MODES = ("eager", "compiled")
 DEFAULT_ENGINE_MODE = "eager"
 DEFAULT_STEERING_SLOTS = 64
 

@@ -153,9 +153,10 @@ def console(stderr: bool = False):
 
 def _engine_mode(value):
     if value is not None:
-        if value not in ("eager", "compiled"):
-            raise typer.BadParameter("use eager or compiled")
-        from ..backends import set_engine_options
+        from ..backends import ENGINE_MODES, set_engine_options
+
+        if value not in ENGINE_MODES:
+            raise typer.BadParameter(f"use {' or '.join(ENGINE_MODES)}")
 
         set_engine_options(engine_mode=value)
     return value

@@ -102,7 +102,7 @@ def split_half_ceiling(acts, labels: list[int], groups: list[str]) -> list[float
     x = acts.kept().response_avg.float()
     y = torch.tensor([labels[i] for i in kept], dtype=torch.bool)
     names = sorted({groups[i] for i in kept})
-    first = {g for g in names[::2]}
+    first = set(names[::2])
     fold = torch.tensor([groups[i] in first for i in kept], dtype=torch.bool)
     out: list[float | None] = []
     for layer in range(x.shape[1]):
