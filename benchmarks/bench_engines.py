@@ -116,24 +116,31 @@ def bench_modes(args) -> None:
         print(f"{mode:<18}{rate:>10.1f}" + "".join(f"{rate / results[b]:>11.2f}x" for b in base))
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--trait", default="optimistic")
-    parser.add_argument("--questions", type=int, default=4, help="extraction questions (x 5 instructions x pos/neg)")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=20, help="transformers batch size (extract's demo value)")
+    parser.add_argument("--questions", type=positive, default=4, help="extraction questions (x 5 instructions x pos/neg)")
+    parser.add_argument("--tokens", type=positive, default=None, help="new tokens per answer (64; 128 with --modes)")
+    parser.add_argument("--batch-size", type=positive, default=20, help="transformers batch size (extract's demo value)")
     parser.add_argument("--modes", default=None, help=f"comma-separated, from {', '.join(MODES)}")
-    parser.add_argument("--prompts", type=int, default=32, help="--modes: prompts")
+    parser.add_argument("--prompts", type=positive, default=32, help="--modes: prompts")
     parser.add_argument("--declare-layers", action="store_true",
                         help="--modes: compiled engines get the ops only at the steered layer (no read or capture ops)")
-    parser.add_argument("--repeats", type=int, default=1, help="--modes: timed runs per mode (best counts)")
+    parser.add_argument("--repeats", type=positive, default=1, help="--modes: timed runs per mode (best counts)")
     args = parser.parse_args()
     if args.modes:
-        if args.tokens == 64:
-            args.tokens = 128
+        args.tokens = args.tokens or 128
         bench_modes(args)
         return
+    args.tokens = args.tokens or 64
 
     chats = [item_chat(it, with_answer=False) for it in extraction_items(load_trait(args.trait), args.questions, 1)]
     model, tok = load_model(args.model, dtype="bf16")
