@@ -7,10 +7,14 @@ three coefficients): transformers runs one coefficient at a time, vLLM mixes the
 Usage (needs the vLLM environment): make bench-vllm, or
   .venv-vllm/bin/python benchmarks/bench_engines.py [--model qwen2.5-coder-0.5b] [--questions 4] [--tokens 64]
 
-`--modes plain,compiled,compiled-steered,eager,eager-steered` instead measures vLLM's own speed against personavec's
-engine modes, in one run, one engine at a time: `plain` is vLLM compiled without personavec, `compiled` /
-`eager` personavec's engine unsteered, `*-steered` with every request steered (four coefficients mixed in the
-batch). Default there: 32 prompts x 128 greedy tokens (`--prompts`, `--tokens`), the shipped vector's layer:
+`--modes plain,compiled,compiled-steered,eager,eager-steered` instead measures vLLM's own speed against
+personavec's engine modes: `plain` is vLLM compiled without personavec, `compiled` / `eager` personavec's engine
+unsteered, `*-steered` with every request steered (four coefficients mixed in the batch). Every engine is loaded
+at once (a process each, ~4 GB of RAM each here) and the modes are timed round-robin, `--repeats` rounds. Default
+there: 32 prompts x 128 greedy tokens (`--prompts`, `--tokens`), the shipped vector's layer. Every answer is
+exactly `--tokens` long (EOS ignored), so every mode does the same work: counting the tokens of answers that stop
+where they like would rate steered modes by how long their answers are, not by their speed. The engine loaded
+first ran up to ~10% faster here: compare runs in both orders.
   .venv-vllm/bin/python benchmarks/bench_engines.py --modes plain,compiled,compiled-steered,eager,eager-steered
 """
 
@@ -24,6 +28,7 @@ from personavec.models import load_model
 from personavec.pipeline.contrast import builtin_contrast, contrastive_vector
 from personavec.pipeline.extract import extraction_items, item_chat
 from personavec.traits import load_trait
+from personavec.backends.base import Steering
 from personavec.backends.vllm import VllmBackend
 
 
@@ -34,86 +39,134 @@ def timed(fn):
 
 
 MODES = ("plain", "compiled", "compiled-steered", "eager", "eager-steered")
+COEFS = (-0.5, -0.25, 0.25, 0.5)
 
 
-def bench_modes(args) -> None:
-    """Throughput of each mode on the same chats; each engine warms up first and is closed before the next."""
-    import gc
+BENCH_KV_CACHE_BYTES = 256 << 20  # every mode alike; 32 x ~200 tokens need ~80 MB (qwen2.5-0.5b, bf16)
+
+
+def mode_runner(mode: str, args):
+    """Build `mode`'s engine; returns `run()` (the timed job: token count) and `close()`."""
+    import os
 
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from personavec.backends.vllm import CPU_KV_CACHE_BYTES, _set_environment
+    from personavec.backends.vllm import _set_environment
     from personavec.chat import prompt_text
     from personavec.models import resolve
+    from personavec.shipped import load_shipped
+
+    questions = max(1, -(-args.prompts // 10))
+    chats = [item_chat(it, with_answer=False) for it in extraction_items(load_trait(args.trait), questions, 1)]
+    chats = chats[: args.prompts]
+    vector = load_shipped(args.model, args.trait)
+    layer = vector.layer
+    memory = dict(kv_cache_memory_bytes=BENCH_KV_CACHE_BYTES)
+    if torch.cuda.is_available():  # the engines of all modes live at once, one process each
+        memory["gpu_memory_utilization"] = 0.85 / len(args.mode_list)
+    _set_environment()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if mode == "plain":
+        from transformers import AutoTokenizer
+
+        llm = LLM(model=resolve(args.model), dtype="bfloat16", max_model_len=2048, enable_prefix_caching=False,
+                  seed=0, **memory)
+        tok = AutoTokenizer.from_pretrained(resolve(args.model))
+        prompts = [TokensPrompt(prompt_token_ids=tok(prompt_text(tok, c), add_special_tokens=False)["input_ids"])
+                   for c in chats]
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+
+        def run():
+            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
+        return run, llm.llm_engine.engine_core.shutdown
+    declared = {} if not args.declare_layers or not mode.startswith("compiled") else dict(
+        steer_layers=[layer], read_layers=[], capture_layers=[])
+    engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048, engine_mode=mode.split("-")[0],
+                         **declared, **memory)
+    steerings = [Steering({layer: vector.delta(layer, COEFS[i % len(COEFS)], "norm")})
+                 if mode.endswith("steered") else None for i in range(len(chats))]
+    engine.generate(chats[:2], steerings[:2], max_new_tokens=4, show_progress=False)  # warm-up
+
+    def run():
+        answers = engine.generate(chats, steerings, max_new_tokens=args.tokens, show_progress=False,
+                                  stop_at_eos=False)
+        counted = sum(len(engine.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        if counted < 0.5 * len(chats) * args.tokens:  # text hides special tokens past EOS: a rough check
+            raise SystemExit(f"{mode}: answers hold {counted} tokens, not {len(chats)} x {args.tokens}")
+        return len(chats) * args.tokens  # EOS ignored: every answer is max_new_tokens long
+    return run, engine.close
+
+
+def mode_process(mode: str, args, conn) -> None:
+    """One mode's engine in its own process: loads, says "ready", then times a run per "run" it is sent."""
+    try:
+        run, close = mode_runner(mode, args)
+    except BaseException as exc:  # noqa: BLE001 - the parent prints it and stops
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    while conn.recv() == "run":
+        seconds, n_tokens = timed(run)
+        conn.send(("done", n_tokens / seconds))
+    close()
+    conn.send(("closed", None))
+
+
+def bench_modes(args) -> None:
+    """Throughput of each mode on the same chats. Every mode's engine lives in its own process, all at once, and
+    the timed runs go round-robin (one run at a time): this machine's speed drifts by 10-20% over minutes, so
+    modes timed one after the other would compare moments, not modes. Ratios are the median of each round's."""
+    import multiprocessing
+    import statistics
+
     from personavec.shipped import load_shipped
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
-    questions = max(1, -(-args.prompts // 10))
-    chats = [item_chat(it, with_answer=False) for it in extraction_items(load_trait(args.trait), questions, 1)]
-    chats = chats[: args.prompts]
-    vector = load_shipped(args.model, args.trait)
-    layer = vector.layer
-    coefs = (-0.5, -0.25, 0.25, 0.5)
-    steerings = [{layer: vector.delta(layer, coefs[i % len(coefs)], "norm")} for i in range(len(chats))]
-    results = {}
+    args.mode_list = modes
+    layer = load_shipped(args.model, args.trait).layer
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        for mode in modes:  # loaded one at a time: loads and compiles must not share the cores
+            parent, child = context.Pipe()
+            process = context.Process(target=mode_process, args=(mode, args, child), daemon=True)
+            process.start()
+            kind, detail = parent.recv()
+            if kind == "error":
+                raise SystemExit(f"{mode}: {detail}")
+            workers[mode] = (process, parent)
+            print(f"{mode}: engine ready", flush=True)
+        rates = {mode: [] for mode in modes}
+        for round_ in range(args.repeats):
+            order = modes if round_ % 2 == 0 else modes[::-1]  # no mode always runs first or last
+            for mode in order:
+                workers[mode][1].send("run")
+                kind, rate = workers[mode][1].recv()
+                rates[mode].append(rate)
+            print(f"round {round_ + 1}: " + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in modes) + " tok/s", flush=True)
+    finally:
+        for process, conn in workers.values():
+            try:
+                conn.send("close")
+                conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                pass
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    print(f"\n{args.model}, bf16, {args.prompts} prompts x {args.tokens} greedy tokens (EOS ignored), "
+          f"steering at layer {layer} (coefs {COEFS} mixed), {args.repeats} rounds, modes interleaved")
+    base = [m for m in ("plain", "eager") if m in rates]
+    print(f"{'mode':<18}{'tok/s (median)':>16}" + "".join(f"{'vs ' + b:>12}" for b in base))
     for mode in modes:
-        _set_environment()
-        if mode == "plain":
-            import os
-
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            llm = LLM(model=resolve(args.model), dtype="bfloat16", max_model_len=2048, enable_prefix_caching=False,
-                      seed=0, **({} if torch.cuda.is_available() else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}))
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(resolve(args.model))
-            prompts = [TokensPrompt(prompt_token_ids=tok(prompt_text(tok, c), add_special_tokens=False)["input_ids"])
-                       for c in chats]
-            params = SamplingParams(max_tokens=args.tokens, temperature=0.0)
-
-            def run(n=None, llm=llm, prompts=prompts, params=params):
-                if n:
-                    return [o.outputs[0].text for o in llm.generate(prompts[:2], SamplingParams(max_tokens=n),
-                                                                    use_tqdm=False)]
-                return [o.outputs[0].text.strip() for o in llm.generate(prompts, params, use_tqdm=False)]
-            close = lambda: llm.llm_engine.engine_core.shutdown()  # noqa: E731
-        else:
-            declared = {} if not args.declare_layers or not mode.startswith("compiled") else dict(
-                steer_layers=[layer], read_layers=[], capture_layers=[])
-            engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048, engine_mode=mode.split("-")[0], **declared)
-            tok = engine.tokenizer
-            steer = steerings if mode.endswith("steered") else None
-
-            def run(n=None, engine=engine, steer=steer):
-                if n:
-                    return generate_each(engine, tok, chats[:2], steer[:2] if steer else [None, None],
-                                         max_new_tokens=n, show_progress=False)
-                return generate_each(engine, tok, chats, steer or [None] * len(chats), max_new_tokens=args.tokens,
-                                     show_progress=False)
-            close = engine.close
-        run(4)  # warm-up
-        best = None
-        for _ in range(args.repeats):
-            seconds, answers = timed(run)
-            n_tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
-            rate = n_tokens / seconds
-            best = rate if best is None else max(best, rate)
-        results[mode] = best
-        print(f"{mode:<18}{best:>10.1f} tok/s", flush=True)
-        close()
-        del run, close
-        gc.collect()
-    print(f"\n{args.model}, bf16, {len(chats)} prompts x {args.tokens} greedy tokens, steering at layer {layer} "
-          f"(coefs {coefs} mixed), best of {args.repeats}")
-    base = [m for m in ("plain", "eager") if m in results]
-    print(f"{'mode':<18}{'tok/s':>10}" + "".join(f"{'vs ' + b:>12}" for b in base))
-    for mode, rate in results.items():
-        print(f"{mode:<18}{rate:>10.1f}" + "".join(f"{rate / results[b]:>11.2f}x" for b in base))
+        ratios = [statistics.median(a / b for a, b in zip(rates[mode], rates[other])) for other in base]
+        print(f"{mode:<18}{statistics.median(rates[mode]):>16.1f}" + "".join(f"{r:>11.2f}x" for r in ratios))
 
 
 def positive(text: str) -> int:
@@ -134,7 +187,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=positive, default=32, help="--modes: prompts")
     parser.add_argument("--declare-layers", action="store_true",
                         help="--modes: compiled engines get the ops only at the steered layer (no read or capture ops)")
-    parser.add_argument("--repeats", type=positive, default=1, help="--modes: timed runs per mode (best counts)")
+    parser.add_argument("--repeats", type=positive, default=5,
+                        help="--modes: rounds (one timed run per mode each, modes interleaved; medians count)")
     args = parser.parse_args()
     if args.modes:
         args.tokens = args.tokens or 128

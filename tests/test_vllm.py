@@ -161,6 +161,21 @@ def test_coefficient_zero_is_the_unsteered_output(engines):
     assert zero == plain
 
 
+def test_stop_at_eos_false_runs_every_answer_to_the_token_budget(engines):
+    """The benchmark's equal-work setting: EOS ignored, each answer is max_new_tokens long and, greedy, starts
+    with the answer that stops at EOS."""
+    _, _, engine, _ = engines
+    prompts = [[{"role": "user", "content": "Reply with one word: yes or no?"}], chats()[1]]
+    budget = 48
+    normal = engine.generate(prompts, max_new_tokens=budget, show_progress=False)
+    forced = engine.generate(prompts, max_new_tokens=budget, show_progress=False, stop_at_eos=False)
+    count = lambda text: len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert count(normal[0]) < budget // 2  # it stopped at EOS
+    # text hides the special tokens generated past EOS, so the forced answer counts fewer than `budget` here
+    assert count(forced[0]) > 2 * count(normal[0]) and count(forced[1]) >= count(normal[1])
+    assert all(f.startswith(n) for f, n in zip(forced, normal))
+
+
 def test_steered_answers_match_the_transformers_engine(engines):
     from personavec.generate import generate
 

@@ -547,9 +547,10 @@ class VllmBackend(Backend):
         return names
 
     def generate(self, chats, steerings=None, *, max_new_tokens=128, temperature=0.0, top_p=1.0, batch_size=16,
-                 seed=0, show_progress=True, on_batch=None) -> list[str]:
+                 seed=0, show_progress=True, on_batch=None, stop_at_eos: bool = True) -> list[str]:
         """vLLM schedules its own batches; we hand it large chunks so `on_batch` still saves progress as it goes.
-        `steerings[i]` is request i's own steering, on top of any active `steer()` handle."""
+        `steerings[i]` is request i's own steering, on top of any active `steer()` handle. `stop_at_eos=False`
+        makes every answer exactly `max_new_tokens` long (equal work per request, as a benchmark needs)."""
         if steerings is not None and len(steerings) != len(chats):
             raise ValueError("steerings needs one entry per chat")
         for steering in steerings or []:
@@ -562,14 +563,16 @@ class VllmBackend(Backend):
                 indices = list(range(start, min(start + chunk, len(chats))))
                 new = self._generate_requests([chats[i] for i in indices], max_new_tokens, temperature, top_p,
                                               None if seed is None else seed + start,
-                                              None if steerings is None else [steerings[i] for i in indices])
+                                              None if steerings is None else [steerings[i] for i in indices],
+                                              ignore_eos=not stop_at_eos)
                 answers += new
                 if on_batch:
                     on_batch(indices, new)
                 advance(len(indices))
         return answers
 
-    def _generate_requests(self, chats, max_new_tokens, temperature, top_p, seed, steerings) -> list[str]:
+    def _generate_requests(self, chats, max_new_tokens, temperature, top_p, seed, steerings,
+                           ignore_eos: bool = False) -> list[str]:
         from vllm import SamplingParams
 
         steerings = steerings if steerings is not None else [None] * len(chats)
@@ -578,7 +581,8 @@ class VllmBackend(Backend):
             def make(i, mine):
                 return SamplingParams(max_tokens=max_new_tokens, temperature=temperature if temperature > 0 else 0.0,
                                       top_p=top_p if temperature > 0 else 1.0, seed=None if seed is None else seed + i,
-                                      extra_args={EXTRA_KEY: mine} if mine else None, skip_special_tokens=True)
+                                      extra_args={EXTRA_KEY: mine} if mine else None, skip_special_tokens=True,
+                                      ignore_eos=ignore_eos)
             outputs = self._run_compiled(self._prompts(chats), merged, make)
             return [o.outputs[0].text.strip() for o in outputs]
         names = self._steering_payload(merged)
@@ -588,7 +592,7 @@ class VllmBackend(Backend):
             params.append(SamplingParams(max_tokens=max_new_tokens, temperature=temperature if temperature > 0 else 0.0,
                                          top_p=top_p if temperature > 0 else 1.0,
                                          seed=None if seed is None else seed + i, extra_args=extra,
-                                         skip_special_tokens=True))
+                                         skip_special_tokens=True, ignore_eos=ignore_eos))
         try:
             outputs = self.llm.generate(self._prompts(chats), params, use_tqdm=False)
         finally:
