@@ -106,8 +106,10 @@ def test_gate_fails_a_trait_inducing_finetune_and_passes_a_neutral_one(smollm, t
 
 
 def test_profile_compare_finds_a_lora_trained_on_trait_answers_higher(smollm, tmp_path, capsys):
-    """`profile --compare ADAPTER`: three LoRA steps on 24 optimistic answers raise the optimistic reading, with
-    an interval that excludes 0; the same steps on neutral answers to the same questions raise it less."""
+    """`profile --compare ADAPTER`: six LoRA steps on 48 optimistic answers raise the optimistic reading, with
+    an interval that excludes 0; the same steps on neutral answers to the same questions raise it less. (Three
+    steps on 24 answers passed until 2026-12-02, when a fresh install gave +0.17 with an interval over 0: too
+    close to the noise of 10 questions to test the command.)"""
     import json
     from pathlib import Path
 
@@ -128,7 +130,7 @@ def test_profile_compare_finds_a_lora_trained_on_trait_answers_higher(smollm, tm
         candidate, _ = load_model("smollm2-135m")
         cfg = FinetuneConfig(model="smollm2-135m", data=name, learning_rate=2e-3, batch_size=8, grad_accum=1,
                              warmup_steps=1)
-        adapter = run_finetune(cfg, read_chats(data / f"{name}_train.jsonl")[:24], candidate, tok,
+        adapter = run_finetune(cfg, read_chats(data / f"{name}_train.jsonl")[:48], candidate, tok,
                                tmp_path / f"ft-{name}", show_progress=False).adapter
         del candidate
         code, _, err = run_cli(capsys, "profile", "--model", "smollm2-135m", "--vectors", tmp_path / "vectors",
