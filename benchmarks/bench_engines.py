@@ -46,7 +46,7 @@ BENCH_KV_CACHE_BYTES = 256 << 20  # every mode alike; 32 x ~200 tokens need ~80 
 
 
 def mode_runner(mode: str, args):
-    """Build `mode`'s engine; returns `run()` (the timed job: token count) and `close()`."""
+    """Build `mode`'s engine; returns `run()` (the job: its generation seconds and tokens) and `close()`."""
     import os
 
     import torch
@@ -80,7 +80,8 @@ def mode_runner(mode: str, args):
         params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
 
         def run():
-            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
+            seconds, outputs = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
+            return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
         return run, llm.llm_engine.engine_core.shutdown
     declared = {} if not args.declare_layers or not mode.startswith("compiled") else dict(
         steer_layers=[layer], read_layers=[], capture_layers=[])
@@ -91,12 +92,12 @@ def mode_runner(mode: str, args):
     engine.generate(chats[:2], steerings[:2], max_new_tokens=4, show_progress=False)  # warm-up
 
     def run():
-        answers = engine.generate(chats, steerings, max_new_tokens=args.tokens, show_progress=False,
-                                  stop_at_eos=False)
+        seconds, answers = timed(lambda: engine.generate(chats, steerings, max_new_tokens=args.tokens,
+                                                         show_progress=False, stop_at_eos=False))
         counted = sum(len(engine.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
         if counted < 0.5 * len(chats) * args.tokens:  # text hides special tokens past EOS: a rough check
-            raise SystemExit(f"{mode}: answers hold {counted} tokens, not {len(chats)} x {args.tokens}")
-        return len(chats) * args.tokens  # EOS ignored: every answer is max_new_tokens long
+            raise RuntimeError(f"answers hold {counted} tokens, not {len(chats)} x {args.tokens}")
+        return seconds, len(chats) * args.tokens  # EOS ignored: every answer is max_new_tokens long
     return run, engine.close
 
 
@@ -109,7 +110,11 @@ def mode_process(mode: str, args, conn) -> None:
         return
     conn.send(("ready", None))
     while conn.recv() == "run":
-        seconds, n_tokens = timed(run)
+        try:
+            seconds, n_tokens = run()
+        except Exception as exc:  # noqa: BLE001 - the parent prints it and stops
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            break
         conn.send(("done", n_tokens / seconds))
     close()
     conn.send(("closed", None))
@@ -117,7 +122,7 @@ def mode_process(mode: str, args, conn) -> None:
 
 def bench_modes(args) -> None:
     """Throughput of each mode on the same chats. Every mode's engine lives in its own process, all at once, and
-    the timed runs go round-robin (one run at a time): this machine's speed drifts by 10-20% over minutes, so
+    the timed runs go round-robin (one run at a time): this machine's speed drifts by 10-30% over minutes, so
     modes timed one after the other would compare moments, not modes. Ratios are the median of each round's."""
     import multiprocessing
     import statistics
@@ -148,6 +153,8 @@ def bench_modes(args) -> None:
             for mode in order:
                 workers[mode][1].send("run")
                 kind, rate = workers[mode][1].recv()
+                if kind == "error":
+                    raise SystemExit(f"{mode}: {rate}")
                 rates[mode].append(rate)
             print(f"round {round_ + 1}: " + ", ".join(f"{m} {rates[m][-1]:.1f}" for m in modes) + " tok/s", flush=True)
     finally:
