@@ -14,7 +14,8 @@ at once (a process each, ~4 GB of RAM each here) and the modes are timed round-r
 there: 32 prompts x 128 greedy tokens (`--prompts`, `--tokens`), the shipped vector's layer. Every answer is
 exactly `--tokens` long (EOS ignored), so every mode does the same work: counting the tokens of answers that stop
 where they like would rate steered modes by how long their answers are, not by their speed. The engine loaded
-first ran up to ~10% faster here: compare runs in both orders.
+first ran up to ~10% faster here: compare runs in both orders. `--dtype auto` (default) is bf16 on a GPU or a
+CPU with native bf16 matmuls, else fp32; `--ops` / `--declare-layers` choose the ops compiled engines carry.
   .venv-vllm/bin/python benchmarks/bench_engines.py --modes plain,compiled,compiled-steered,eager,eager-steered
 """
 
@@ -39,6 +40,7 @@ def timed(fn):
 
 
 MODES = ("plain", "compiled", "compiled-steered", "eager", "eager-steered")
+OPS = ("steer", "read", "capture")  # the op kinds a compiled engine can be loaded with
 COEFS = (-0.5, -0.25, 0.25, 0.5)
 
 
@@ -71,7 +73,7 @@ def mode_runner(mode: str, args):
     if mode == "plain":
         from transformers import AutoTokenizer
 
-        llm = LLM(model=resolve(args.model), dtype="bfloat16", max_model_len=2048, enable_prefix_caching=False,
+        llm = LLM(model=resolve(args.model), dtype=args.dtype_name, max_model_len=2048, enable_prefix_caching=False,
                   seed=0, **memory)
         tok = AutoTokenizer.from_pretrained(resolve(args.model))
         prompts = [TokensPrompt(prompt_token_ids=tok(prompt_text(tok, c), add_special_tokens=False)["input_ids"])
@@ -83,9 +85,12 @@ def mode_runner(mode: str, args):
             seconds, outputs = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
             return seconds, sum(len(o.outputs[0].token_ids) for o in outputs)
         return run, llm.llm_engine.engine_core.shutdown
-    declared = {} if not args.declare_layers or not mode.startswith("compiled") else dict(
-        steer_layers=[layer], read_layers=[], capture_layers=[])
-    engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048, engine_mode=mode.split("-")[0],
+    declared = {}
+    if mode.startswith("compiled"):  # None: the op at every layer, []: nowhere
+        declared = {f"{op}_layers": None if op in args.op_list else [] for op in OPS}
+        if args.declare_layers:
+            declared["steer_layers"] = [layer]
+    engine = VllmBackend(args.model, dtype=args.dtype, max_model_len=2048, engine_mode=mode.split("-")[0],
                          **declared, **memory)
     steerings = [Steering({layer: vector.delta(layer, COEFS[i % len(COEFS)], "norm")})
                  if mode.endswith("steered") else None for i in range(len(chats))]
@@ -167,8 +172,11 @@ def bench_modes(args) -> None:
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
-    print(f"\n{args.model}, bf16, {args.prompts} prompts x {args.tokens} greedy tokens (EOS ignored), "
+    print(f"\n{args.model}, {args.dtype}, {args.prompts} prompts x {args.tokens} greedy tokens (EOS ignored), "
           f"steering at layer {layer} (coefs {COEFS} mixed), {args.repeats} rounds, modes interleaved")
+    if any(m.startswith("compiled") for m in modes):
+        where = f"steer at layer {layer} only" if args.declare_layers else "steer at every layer"
+        print(f"compiled engines' ops: {', '.join(args.op_list)} ({where}; the rest at every layer)")
     base = [m for m in ("plain", "eager") if m in rates]
     print(f"{'mode':<18}{'tok/s (median)':>16}" + "".join(f"{'vs ' + b:>12}" for b in base))
     for mode in modes:
@@ -193,10 +201,27 @@ def main() -> None:
     parser.add_argument("--modes", default=None, help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--prompts", type=positive, default=32, help="--modes: prompts")
     parser.add_argument("--declare-layers", action="store_true",
-                        help="--modes: compiled engines get the ops only at the steered layer (no read or capture ops)")
+                        help="--modes: compiled engines get the steer op only at the steered layer")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"--modes: the op kinds compiled engines are loaded with, each at every layer "
+                             f"(comma-separated, from {', '.join(OPS)}; default all)")
     parser.add_argument("--repeats", type=positive, default=5,
                         help="--modes: rounds (one timed run per mode each, modes interleaved; medians count)")
+    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 where the CPU has native bf16 matmuls (AVX512-BF16/AMX) or on a GPU, else "
+                             "fp32 (bf16 without them runs a slow fallback)")
     args = parser.parse_args()
+    if args.dtype == "auto":
+        import torch
+
+        from personavec.models.loading import default_device, resolve_dtype
+
+        args.dtype = "bf16" if resolve_dtype("auto", default_device()) == torch.bfloat16 else "fp32"
+    args.dtype_name = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
+    args.op_list = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in args.op_list if op not in OPS]
+    if unknown or "steer" not in args.op_list:
+        raise SystemExit(f"--ops {args.ops!r}: choose from {', '.join(OPS)}, steer included")
     if args.modes:
         args.tokens = args.tokens or 128
         bench_modes(args)
@@ -204,8 +229,8 @@ def main() -> None:
     args.tokens = args.tokens or 64
 
     chats = [item_chat(it, with_answer=False) for it in extraction_items(load_trait(args.trait), args.questions, 1)]
-    model, tok = load_model(args.model, dtype="bf16")
-    engine = VllmBackend(args.model, dtype="bf16", max_model_len=2048)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    engine = VllmBackend(args.model, dtype=args.dtype, max_model_len=2048)
     pos, neg = builtin_contrast()
     vector, _ = contrastive_vector(model, tok, pos, neg, show_progress=False)
     layer = vector.layer
@@ -225,7 +250,7 @@ def main() -> None:
 
     tokens = lambda answers: sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)  # noqa: E731
     same = sum(a == b for a, b in zip(hf, vl))
-    print(f"{args.model}, bf16, {len(chats)} chats x {args.tokens} greedy tokens, layer {layer} for steering")
+    print(f"{args.model}, {args.dtype}, {len(chats)} chats x {args.tokens} greedy tokens, layer {layer} for steering")
     print(f"{'stage':<44}{'transformers':>14}{'vllm':>10}{'speed-up':>10}")
     print(f"{'extract generation (s)':<44}{t_hf:>14.1f}{t_vllm:>10.1f}{t_hf / t_vllm:>9.2f}x")
     print(f"{'  tokens/s':<44}{tokens(hf) / t_hf:>14.0f}{tokens(vl) / t_vllm:>10.0f}")

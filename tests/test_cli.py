@@ -155,6 +155,33 @@ def test_steer_input_output(capsys, tmp_path, tiny_folder, big_vector):
         assert row["steering"] == {"trait": "loud", "layer": 2, "coef": 1.0, "coef_mode": "raw"}
 
 
+def test_steer_monitor_and_screen_declare_only_their_one_op_to_the_engine(capsys, monkeypatch, tmp_path,
+                                                                           tiny_folder, big_vector):
+    """vLLM's compiled graph runs an op per declared layer every step, so `steer` declares a steer op at the one
+    layer it steers and `monitor` / `screen` a capture op at theirs; the transformers engine gets no options."""
+    import personavec.backends as backends
+
+    real, seen = backends.load_backend, []
+
+    def recording(spec, engine="hf", *args, **kwargs):
+        seen.append((engine, kwargs))
+        return real(spec, "hf", *args)  # the run itself on transformers: vLLM is not installed here
+
+    monkeypatch.setattr(backends, "load_backend", recording)
+    for engine, layer in (("vllm", 2), ("vllm", 1), ("hf", 2)):
+        code, out, err = run_cli(capsys, "steer", "--model", tiny_folder, "--vector", big_vector, "--layer", layer,
+                                 "--coef", 1, "--prompt", "hi", "--max-new-tokens", 3, "--engine", engine)
+        assert code == 0, err
+        declared = {"steer_layers": [layer], "read_layers": [], "capture_layers": []} if engine == "vllm" else {}
+        assert seen[-1] == (engine, declared)
+    data = write_jsonl(tmp_path / "in.jsonl", CHATS[:2])
+    for command, io in (("monitor", ["--input", data]), ("screen", ["--data", data, "--approx"])):
+        code, _, err = run_cli(capsys, command, "--model", tiny_folder, "--vector", big_vector, "--layer", 1, *io,
+                               "--output", tmp_path / f"{command}.jsonl", "--engine", "vllm")
+        assert code == 0, err
+        assert seen[-1] == ("vllm", {"steer_layers": [], "read_layers": [], "capture_layers": [1]}), command
+
+
 # -- export --------------------------------------------------------------------
 
 def test_export_gguf_and_pt(capsys, tmp_path, big_vector):

@@ -105,6 +105,7 @@ def test_gate_fails_a_trait_inducing_finetune_and_passes_a_neutral_one(smollm, t
     assert verdicts["optimistic"]["traits"][0]["shift"] > verdicts["neutral"]["traits"][0]["shift"]
 
 
+@pytest.mark.slow  # 74 s where bf16 runs natively, 322 s in fp32 on an AVX2-only CPU: `make test-slow`
 def test_profile_compare_finds_a_lora_trained_on_trait_answers_higher(smollm, tmp_path, capsys):
     """`profile --compare ADAPTER`: six LoRA steps on 48 optimistic answers raise the optimistic reading, with
     an interval that excludes 0; the same steps on neutral answers to the same questions raise it less. (Three

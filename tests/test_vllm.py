@@ -338,3 +338,58 @@ def test_vllm_server_stream_cap_and_guards(served_vllm):
     # every steering the server added is dropped again once its requests finish
     assert not service._stepper._users
     assert service.backend.slots is None or service.backend.slots.used == 0
+
+
+def test_an_engine_loaded_with_a_few_layers_steers_and_reads_there_and_refuses_elsewhere(reference):
+    """What `steer` and `serve` load in compiled mode: ops only at the layers they use (a compiled graph runs every
+    declared op each step). Where declared, the same answers and readings as the engine with ops everywhere;
+    elsewhere, one clear error instead of a silently unsteered answer."""
+    pytest.importorskip("fastapi")
+    from test_serve import Server
+
+    from personavec.activations import capture
+    from personavec.backends.vllm import VllmBackend
+    from personavec.chat import ChatRecord
+    from personavec.errors import PersonavecError
+    from personavec.generate import generate, generate_each
+    from personavec.pipeline.monitor import monitor_chats
+    from personavec.serve.app import create_app
+    from personavec.serve.service import PersonaService, served_layers
+
+    model, tok, vector = reference
+    layer = vector.layer
+    declared = served_layers([vector])
+    assert declared == {"steer_layers": [layer], "read_layers": [layer], "capture_layers": []}
+    engine = VllmBackend("smollm2-135m", dtype="fp32", max_model_len=1024, engine_mode="compiled", **declared)
+    try:
+        assert {k: engine.compiled_layers[k] for k in ("steer", "read", "capture")} == {
+            "steer": [layer], "read": [layer], "capture": []}
+        prompts = chats()[:4]
+        ours = generate_each(engine, tok, prompts, [{layer: vector.delta(layer, 0.5, "norm")}] * 4,
+                             max_new_tokens=TOKENS, show_progress=False)
+        if "compiled" in ANSWERS:  # the same steering there is the second quarter of its batch
+            assert ours == ANSWERS["compiled"][4:8]
+        with vector.apply(model, coef=0.5, coef_mode="norm"):
+            expected = generate(model, tok, prompts, max_new_tokens=TOKENS, show_progress=False)
+        assert sum(a.split()[:6] == b.split()[:6] for a, b in zip(ours, expected)) >= 3, list(zip(ours, expected))
+        with pytest.raises(PersonavecError, match=rf"layer\(s\) \[{layer - 2}\] cannot be steered"):
+            generate_each(engine, tok, prompts[:1], [{layer - 2: vector.delta(layer - 2, 0.5, "norm")}],
+                          max_new_tokens=4, show_progress=False)
+        with pytest.raises(PersonavecError, match="cannot be captured"):
+            answered = [prompts[0] + [{"role": "assistant", "content": ours[0]}]]
+            capture(engine, tok, answered, layers=[layer], show_progress=False)
+        service = PersonaService(engine, [vector], model_name="smollm2-135m")
+        server = Server(create_app(service))
+        try:
+            steered = _ask(server, PROMPTS[0], steer={"optimistic": 0.5}, coef_mode="norm")
+            assert steered.choices[0].message.content == ours[0]
+            reply = _ask(server, PROMPTS[0], monitor=["optimistic"])  # unsteered: steering moves the reading
+            record = ChatRecord(messages=[{"role": "user", "content": PROMPTS[0]}])
+            expected = monitor_chats(model, tok, [record], vector, show_progress=False)[0]["persona"]["projection"]
+            got = reply.model_extra["persona"]["prompt"]["optimistic"]["projection"]
+            assert got == pytest.approx(expected, rel=0.02, abs=0.02)
+        finally:
+            server.stop()
+            service.close()
+    finally:
+        engine.close()

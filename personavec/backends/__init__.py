@@ -27,7 +27,19 @@ def set_engine_options(**options) -> None:
     ENGINE_OPTIONS.update({k: v for k, v in options.items() if v is not None})
 
 __all__ = ["ENGINES", "ENGINE_MODES", "POSITIONS", "STEER_POSITIONS", "AblationHandle", "Activations", "Backend", "HFBackend",
-           "Steering", "SteeringHandle", "as_backend", "check_steering", "load_backend", "set_engine_options", "transformers_model"]
+           "Steering", "SteeringHandle", "as_backend", "check_steering", "load_backend", "one_op_layers", "set_engine_options", "transformers_model"]
+
+
+OPS = ("steer", "read", "capture")  # what a compiled vLLM graph can carry per layer (`VllmBackend(<op>_layers=)`)
+
+
+def one_op_layers(op: str, layer: int | None) -> dict:
+    """`load_backend` options for a job that does nothing but `op` ("steer", "read" or "capture") at `layer`: a
+    compiled vLLM graph runs every declared op every step, so it then carries that one op. `{}` when `layer` is
+    None (nothing declared: every op at every layer). Other engines ignore these options."""
+    if op not in OPS:
+        raise ValueError(f"op {op!r}: use one of {OPS}")
+    return {} if layer is None else {f"{kind}_layers": [int(layer)] if kind == op else [] for kind in OPS}
 
 
 def load_backend(spec: str, engine: str = "hf", dtype: str | torch.dtype = "auto", tensor_parallel_size: int = 1,

@@ -184,12 +184,17 @@ def steering_slots_option():
 
 
 def load_engine_model(model: str, engine: str, dtype: str = "auto", tensor_parallel_size: int = 1,
-                      trust_remote_code: bool = False):
+                      trust_remote_code: bool = False, **layers):
     """`(backend, tokenizer)` for `--engine`: every command that takes `--engine` loads its model here. The backend
-    goes wherever the library takes a model."""
+    goes wherever the library takes a model.
+
+    `layers` (`steer_layers`, `read_layers`, `capture_layers`; lists, [] for none): where the command will steer,
+    read or capture, when it knows before the model loads. vLLM's compiled mode builds only those ops into the
+    graph (each op at each layer costs every step); other engines ignore them."""
     from ..backends import load_backend
 
-    backend = load_backend(model, engine, dtype, tensor_parallel_size, trust_remote_code)
+    backend = load_backend(model, engine, dtype, tensor_parallel_size, trust_remote_code,
+                           **(layers if engine == "vllm" else {}))
     return backend, backend.tokenizer
 
 

@@ -74,8 +74,9 @@ def serve_cmd(
         if missing:
             raise PersonavecError(f"--traits: no vector for {missing[0]!r}; given: {', '.join(have) or 'none'}")
         vectors = [have[t] for t in wanted]
-    backend, _ = load_engine_model(model, engine, dtype, tensor_parallel_size)
-    from ..serve.service import PersonaService
+    from ..serve.service import PersonaService, served_layers
+
+    backend, _ = load_engine_model(model, engine, dtype, tensor_parallel_size, **served_layers(vectors))
 
     service = PersonaService(backend, vectors, guards, model_name=model, max_batch=max_batch,
                              batch_window_s=batch_window_ms / 1000)

@@ -157,7 +157,10 @@ def monitor_cmd(
             check_responses(records, "--position response_avg averages the answer's tokens")
         score_values = [numeric_field(r, scores) for r in records] if scores else None
         keys = group_keys(records, by) if by else None  # a line without the field is refused before the model loads
-        lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+        from ..backends import one_op_layers
+
+        lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size,
+                                          **one_op_layers("capture", vector.layer if layer is None else layer))
         layer = vector_layer(vector, lm, layer)
         # The run folder is locked from here until the command ends: a second monitor into it is refused, so the
         # output and the run folder always come from one run.
@@ -296,7 +299,10 @@ def screen_cmd(
             from ..pipeline.screen import read_labels
 
             read_labels(records, labels)  # likewise a line without a 0/1 label
-        lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size)
+        from ..backends import one_op_layers
+
+        lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size,
+                                          **one_op_layers("capture", vector.layer if layer is None else layer))
         s = run_screen(cfg, records, vector, lm, tokenizer, output, _record_dir(output, out), labels, drop_top,
                        keep_below, top_k, by=by)
     else:  # Ray Data reads and checks the input and the actors load the model; after the scores it is run_screen's

@@ -72,6 +72,7 @@ def steer_cmd(
                                              callback=positive_int),
 ) -> None:
     """Answer with a persona vector added at one layer."""
+    from ..backends import one_op_layers
     from ..chat import read_chats, user_chat
     from ..generate import generate, over_context
 
@@ -82,7 +83,8 @@ def steer_cmd(
     chat_output(output_path, "--output")
     vector, _ = command_vector(vector_path, trait_name, model)
     records = read_chats(input_path) if input_path else None
-    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size, trust_remote_code)
+    lm, tokenizer = load_engine_model(model, engine, dtype, tensor_parallel_size, trust_remote_code,
+                                      **one_op_layers("steer", vector.layer if layer is None else layer))
     layer = vector_layer(vector, lm, layer)
     coef_mode = coef_mode or vector.coef_mode
     handle = vector.apply(lm, layer=layer, coef=coef, positions=positions, coef_mode=coef_mode)

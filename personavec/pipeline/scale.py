@@ -74,11 +74,14 @@ class ShardScorer:
         import torch
 
         torch.set_num_threads(threads)
-        from ..backends import load_backend
+        from ..backends import load_backend, one_op_layers
 
         self.task, self.vector = task, vector
+        layer = task["cfg"].get("layer")
+        options = {**(task.get("engine_options") or {}),  # monitor and screen only capture, at one layer
+                   **one_op_layers("capture", vector.layer if layer is None else layer)}
         self.backend = load_backend(task["model"], task["engine"], task["dtype"], task["tensor_parallel_size"],
-                                    **((task.get("engine_options") or {}) if task["engine"] == "vllm" else {}))
+                                    **(options if task["engine"] == "vllm" else {}))
         self.cache = None
         if task["kind"] == "screen" and not task["cfg"]["approx"]:
             from .screen import BaseAnswerCache

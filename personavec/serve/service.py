@@ -62,6 +62,13 @@ class Job:
     actions: list = field(default_factory=list)
 
 
+def served_layers(vectors: list[PersonaVector]) -> dict:
+    """The layers a service over `vectors` steers and reads (each trait's own), as `load_backend` takes them: a
+    compiled vLLM graph then carries ops only there. It never captures."""
+    layers = sorted({v.layer for v in vectors if v.layer is not None})
+    return {"steer_layers": layers, "read_layers": layers, "capture_layers": []}
+
+
 class PersonaService:
     """A backend plus the traits it serves, and one worker thread that runs batches."""
 
